@@ -1,0 +1,1 @@
+"""Active learning for semantic segmentation with sparse pixel labels."""

@@ -1,0 +1,156 @@
+"""The project's on-disk dataset layout (DESIGN.md): reader and atomic, resumable writer.
+
+```
+<root>/images/<id>.png      RGB
+<root>/masks/<id>.png       uint8 class ids (ignore value in dataset.json)
+<root>/ignore/<id>.png      optional: non-zero = pixel the quality check distrusts
+<root>/metadata.jsonl       one JSON object per finished sample (a sample counts only then)
+<root>/dataset.json         classes, palette, ignore_index, generator config, versions
+```
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+from PIL import Image
+
+from al.data.base import DatasetError, FileDataset, check_pair, read_index_mask
+
+DATASET_JSON = "dataset.json"
+METADATA_JSONL = "metadata.jsonl"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary name in the same folder, fsync, then rename over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_save_png(array: np.ndarray, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    Image.fromarray(array).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def read_metadata(root: Path) -> list[dict]:
+    """Finished samples in write order; a torn last line (crash mid-append) is skipped."""
+    path = Path(root) / METADATA_JSONL
+    if not path.exists():
+        return []
+    records, seen = [], set()
+    lines = path.read_bytes().splitlines(keepends=True)
+    for number, line in enumerate(lines, start=1):
+        try:
+            if not line.endswith(b"\n"):
+                raise ValueError("no newline")
+            record = json.loads(line)
+        except ValueError:
+            if number == len(lines):
+                break
+            raise DatasetError(f"{path}: line {number} is not valid JSON; fix or delete that line") from None
+        if record["id"] not in seen:
+            seen.add(record["id"])
+            records.append(record)
+    return records
+
+
+def _ignore_map(root: Path, ignore_index: int):
+    def apply(mask: np.ndarray, mask_path: Path) -> np.ndarray:
+        ignore_path = root / "ignore" / mask_path.name
+        if not ignore_path.exists():
+            return mask
+        distrusted = read_index_mask(ignore_path) != 0
+        if distrusted.shape != mask.shape:
+            raise DatasetError(f"{ignore_path}: ignore map is {distrusted.shape}, mask is {mask.shape}; they must match")
+        return np.where(distrusted, ignore_index, mask)
+
+    return apply
+
+
+def load_folder(root: Union[str, os.PathLike]) -> FileDataset:
+    """Read a dataset in the project layout. Samples are those with a metadata line, or (for a
+    hand-made folder without ``metadata.jsonl``) every ``masks/*.png``."""
+    root = Path(root)
+    info_path = root / DATASET_JSON
+    if not info_path.is_file():
+        raise DatasetError(
+            f"{info_path} is missing; a dataset folder needs it, e.g. "
+            '{"classes": ["background", "cat"], "ignore_index": 255}'
+        )
+    try:
+        info = json.loads(info_path.read_text())
+        classes, ignore_index = info["classes"], int(info.get("ignore_index", 255))
+    except (ValueError, KeyError) as error:
+        raise DatasetError(f"{info_path}: not valid ({error!r}); it needs 'classes' (list of names)") from None
+    records = read_metadata(root)
+    if records:
+        ids = [r["id"] for r in records]
+    else:
+        ids = sorted(p.stem for p in (root / "masks").glob("*.png"))
+    pairs = [(i, root / "images" / f"{i}.png", root / "masks" / f"{i}.png") for i in ids]
+    return FileDataset(pairs, classes, ignore_index, label_map=_ignore_map(root, ignore_index), source=str(root))
+
+
+class DatasetWriter:
+    """Writes samples in the project layout; every file appears atomically and a sample counts
+    only once its metadata line is appended, so a killed run resumes without duplicates."""
+
+    def __init__(
+        self,
+        root: Union[str, os.PathLike],
+        classes: Sequence[str],
+        ignore_index: int = 255,
+        palette: Optional[Sequence[Sequence[int]]] = None,
+        info: Optional[dict[str, Any]] = None,
+    ):
+        self.root = Path(root)
+        self.classes, self.ignore_index = list(classes), ignore_index
+        for sub in ("images", "masks"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        header = {"classes": self.classes, "ignore_index": ignore_index, "palette": palette, **(info or {})}
+        info_path = self.root / DATASET_JSON
+        if info_path.exists():
+            existing = json.loads(info_path.read_text())
+            if existing != header:
+                raise DatasetError(
+                    f"{info_path} describes a different dataset (classes, palette or config differ); "
+                    f"write to another folder or delete this one"
+                )
+        else:
+            atomic_write_bytes(info_path, json.dumps(header, indent=2).encode())
+        self._done = {r["id"] for r in read_metadata(self.root)}
+
+    def done_ids(self) -> set[str]:
+        return set(self._done)
+
+    def write(self, sample_id: str, image: np.ndarray, mask: np.ndarray, ignore: Optional[np.ndarray] = None, metadata: Optional[dict] = None) -> None:
+        """``image`` uint8 [H, W, 3], ``mask`` [H, W] class ids, ``ignore`` bool [H, W] or None."""
+        if sample_id in self._done:
+            return
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise DatasetError(f"sample {sample_id!r}: image must be uint8 [H, W, 3], got {image.dtype} {image.shape}")
+        check_pair(image, mask, len(self.classes), self.ignore_index, where=f"sample {sample_id!r}")
+        record = {"id": sample_id, "image": f"images/{sample_id}.png", "mask": f"masks/{sample_id}.png", **(metadata or {})}
+        atomic_save_png(image, self.root / record["image"])
+        atomic_save_png(mask.astype(np.uint8), self.root / record["mask"])
+        if ignore is not None:
+            (self.root / "ignore").mkdir(exist_ok=True)
+            record["ignore"] = f"ignore/{sample_id}.png"
+            atomic_save_png(ignore.astype(np.uint8) * 255, self.root / record["ignore"])
+        # One O_APPEND write of a whole line: concurrent writers never interleave within a line.
+        fd = os.open(self.root / METADATA_JSONL, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (json.dumps(record) + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._done.add(sample_id)

@@ -1,0 +1,196 @@
+"""An active-learning experiment: several acquisitions x seeds on one dataset, with a fully
+supervised reference, a learning-curve table (``curve.csv``) and plots in one output folder.
+
+Each run keeps its own state folder (``<output_dir>/runs/<acquisition>/seed_<s>``), so runs can
+be resumed, or split over several processes that share ``output_dir``; the table and plots are
+rebuilt from every finished cycle found there.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from al.config import require
+from al.data import LAYOUTS, DigitScenesConfig, digit_scenes, load_folder
+from al.data.base import SegmentationDataset
+from al.data.folder import atomic_write_bytes
+from al.loop import ActiveLearningLoop, LoopConfig
+from al.mc import mc_probs
+from al.models import Segmenter
+from al.plots import plot_learning_curves, plot_uncertainty_maps
+from al.scores import SCORES, bald, balanced_entropy, entropy, marginal_confidence
+from al.select import SELECTION_RULES
+from al.train import DenseTargetDataset, TrainConfig, evaluate, train_segmenter
+
+DATA_KINDS = ("digitscenes", "folder", *LAYOUTS)
+CURVE_FIELDS = ["acquisition", "seed", "cycle", "labelled_pixels", "labelled_percent", "miou"]
+
+
+@dataclass
+class DataConfig:
+    kind: str = "digitscenes"
+    root: Optional[str] = None  # for every kind but digitscenes
+    train_split: str = "train"
+    val_split: str = "val"
+    # DigitScenes only
+    num_train_images: int = 200
+    num_val_images: int = 200
+    size: int = 64
+    seed: int = 0
+
+    def build(self, split: str) -> SegmentationDataset:
+        if self.kind == "digitscenes":
+            count = self.num_train_images if split == self.train_split else self.num_val_images
+            return digit_scenes(DigitScenesConfig(num_images=count, size=self.size, seed=self.seed, split=split))
+        if self.kind == "folder":
+            return load_folder(Path(self.root) / split)
+        return LAYOUTS[self.kind](self.root, split)
+
+
+@dataclass
+class ExperimentConfig:
+    output_dir: str = "outputs/al_digits"
+    acquisitions: list[str] = field(default_factory=lambda: ["balent", "entropy", "bald", "random"])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    supervised_reference: bool = True
+    uncertainty_map_images: int = 4
+    device: str = "auto"  # "auto" = cuda if available, else cpu
+    progress: bool = True
+    data: DataConfig = field(default_factory=DataConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+
+    def validate(self) -> None:
+        for name in self.acquisitions:
+            require(name in SCORES, "acquisitions", name, f"one of {sorted(SCORES)}")
+        require(len(self.acquisitions) > 0, "acquisitions", self.acquisitions, "a non-empty list")
+        require(len(self.seeds) > 0, "seeds", self.seeds, "a non-empty list")
+        require(self.loop.selection in SELECTION_RULES, "loop.selection", self.loop.selection, f"one of {sorted(SELECTION_RULES)}")
+        require(self.loop.pixels_per_image >= 1, "loop.pixels_per_image", self.loop.pixels_per_image, "an integer >= 1")
+        require(self.loop.cycles >= 0, "loop.cycles", self.loop.cycles, "an integer >= 0")
+        require(self.loop.mc_samples >= 2, "loop.mc_samples", self.loop.mc_samples, "an integer >= 2 (BalEnt and BALD need a variance)")
+        require(self.loop.train.epochs >= 1, "loop.train.epochs", self.loop.train.epochs, "an integer >= 1")
+        require(0.0 <= self.loop.model.dropout < 1.0, "loop.model.dropout", self.loop.model.dropout, "a float in [0, 1)")
+        require(self.data.kind in DATA_KINDS, "data.kind", self.data.kind, f"one of {list(DATA_KINDS)}")
+        require(self.data.kind == "digitscenes" or self.data.root is not None, "data.root", self.data.root,
+                f"the dataset folder (needed for data.kind={self.data.kind!r})")
+        require(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "device", self.device, "auto, cpu or cuda[:i]")
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+def run_dir(output_dir: Path, acquisition: str, seed: int) -> Path:
+    return output_dir / "runs" / acquisition / f"seed_{seed}"
+
+
+def collect_curve(output_dir: Path) -> list[dict]:
+    """Every evaluated cycle of every run under ``output_dir``."""
+    rows = []
+    for state_path in sorted((output_dir / "runs").glob("*/seed_*/state.json")):
+        state = json.loads(state_path.read_text())
+        for record in state["cycles"]:
+            rows.append({"acquisition": state["acquisition"], "seed": state["seed"],
+                         **{k: record[k] for k in CURVE_FIELDS[2:]}})
+    return rows
+
+
+def write_curve_csv(rows: list[dict], path: Path) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CURVE_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(path, buffer.getvalue().encode())
+
+
+def curve_table(rows: list[dict]) -> str:
+    """Markdown table: mean +- std mIoU (%) over seeds, one column per acquisition."""
+    acquisitions = sorted({r["acquisition"] for r in rows})
+    cycles = sorted({int(r["cycle"]) for r in rows})
+    lines = ["| cycle | labelled px | " + " | ".join(acquisitions) + " |", "|---" * (2 + len(acquisitions)) + "|"]
+    for cycle in cycles:
+        cells, pixels = [], []
+        for acquisition in acquisitions:
+            values = [float(r["miou"]) * 100 for r in rows if r["acquisition"] == acquisition and int(r["cycle"]) == cycle]
+            pixels += [int(r["labelled_pixels"]) for r in rows if r["acquisition"] == acquisition and int(r["cycle"]) == cycle]
+            cells.append(f"{np.mean(values):.1f} ± {np.std(values):.1f} ({len(values)})" if values else "-")
+        lines.append(f"| {cycle} | {int(np.mean(pixels))} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def supervised_reference(config: ExperimentConfig, train_set, val_set, seed: int, device: torch.device) -> float:
+    """mIoU of the same model trained on every pixel of the training set (cached per seed)."""
+    path = Path(config.output_dir) / "supervised" / f"seed_{seed}.json"
+    fingerprint = config.loop.fingerprint("supervised", seed)
+    if path.exists():
+        cached = json.loads(path.read_text())
+        if cached["fingerprint"] == fingerprint:
+            return cached["miou"]
+    torch.manual_seed(seed)
+    model = config.loop.model.build(train_set.num_classes).to(device)
+    train_config = TrainConfig(**{**asdict(config.loop.train), "seed": seed})
+    train_segmenter(model, DenseTargetDataset(train_set), train_config, train_set.ignore_index, progress=config.progress)
+    miou = evaluate(model, val_set).miou
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, json.dumps({"fingerprint": fingerprint, "miou": miou}).encode())
+    return miou
+
+
+def uncertainty_maps(config: ExperimentConfig, val_set: SegmentationDataset, model_dir: Path, path: Path, device: torch.device) -> None:
+    """Image | GT | prediction | BalEnt | BALD | entropy | P_marg for a few validation images."""
+    model = Segmenter.from_pretrained(model_dir).to(device)
+    samples = [val_set[i] for i in range(min(config.uncertainty_map_images, len(val_set)))]
+    images = torch.stack([s.image for s in samples]).to(device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    probs = mc_probs(model, images, config.loop.mc_samples, generator)
+    maps = {"BalEnt": balanced_entropy(probs), "BALD": bald(probs), "entropy": entropy(probs),
+            "P_marg": marginal_confidence(probs)}
+    plot_uncertainty_maps(
+        images=(images.permute(0, 2, 3, 1).cpu().numpy() * 255).astype(np.uint8),
+        masks=torch.stack([s.mask for s in samples]).numpy(),
+        predictions=probs.mean(0).argmax(1).cpu().numpy(),
+        maps={name: value.float().cpu().numpy() for name, value in maps.items()},
+        path=path,
+        num_classes=val_set.num_classes,
+        ignore_index=val_set.ignore_index,
+    )
+
+
+def run_experiment(config: ExperimentConfig) -> str:
+    """Run (or resume) every acquisition x seed; write curve.csv, plots and a summary table.
+    Returns the markdown summary."""
+    config.validate()
+    output_dir, device = Path(config.output_dir), config.resolved_device()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    train_set, val_set = config.data.build(config.data.train_split), config.data.build(config.data.val_split)
+    references = {}
+    if config.supervised_reference:
+        values = [supervised_reference(config, train_set, val_set, seed, device) for seed in config.seeds]
+        references[f"fully supervised ({np.mean(values) * 100:.1f})"] = float(np.mean(values))
+    for acquisition in config.acquisitions:
+        for seed in config.seeds:
+            loop = ActiveLearningLoop(config.loop, acquisition, seed, train_set, val_set,
+                                      run_dir(output_dir, acquisition, seed), device=device, progress=config.progress)
+            loop.run()
+    rows = collect_curve(output_dir)
+    write_curve_csv(rows, output_dir / "curve.csv")
+    plot_learning_curves(rows, output_dir / "curve.png", references,
+                         title=f"{config.data.kind}: {config.loop.pixels_per_image} px/image/cycle, {config.loop.selection}")
+    shown = "balent" if "balent" in config.acquisitions else config.acquisitions[0]
+    uncertainty_maps(config, val_set, run_dir(output_dir, shown, config.seeds[0]) / "model",
+                     output_dir / "uncertainty_maps.png", device)
+    summary = curve_table(rows)
+    if references:
+        summary += "\n\n" + "; ".join(references)
+    atomic_write_bytes(output_dir / "summary.md", (summary + "\n").encode())
+    return summary
+

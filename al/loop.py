@@ -1,0 +1,229 @@
+"""The active-learning loop: train -> MC inference -> score -> select -> label, per cycle.
+
+All state lives in one directory (label journal, latest model, ``state.json``), so a killed run
+resumes where it stopped: a trained cycle is not retrained, an image labelled in a cycle is not
+labelled twice, and no acknowledged label is lost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Protocol, Union
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from al.data.base import SegmentationDataset
+from al.data.folder import atomic_write_bytes
+from al.labels import SparseLabels
+from al.mc import mc_probs
+from al.models import Segmenter, build_segmenter
+from al.scores import get_score
+from al.select import NotEnoughPixelsError, get_rule, top_n
+from al.train import SparseTargetDataset, TrainConfig, collate_samples, evaluate, train_segmenter
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "unet"
+    encoder: str = "tu-resnet10t"
+    dropout: float = 0.2
+    encoder_weights: Optional[str] = None
+    encoder_depth: int = 4
+    decoder_channels: Optional[list[int]] = field(default_factory=lambda: [64, 32, 16, 16])
+
+    def build(self, num_classes: int) -> Segmenter:
+        decoder = tuple(self.decoder_channels) if self.decoder_channels is not None else None
+        return build_segmenter(
+            self.arch, self.encoder, num_classes, self.dropout, self.encoder_weights,
+            encoder_depth=self.encoder_depth, decoder_channels=decoder,
+        )
+
+
+@dataclass
+class LoopConfig:
+    """Settings shared by the runs of an experiment; a run adds (acquisition, seed)."""
+
+    selection: str = "topn"
+    pixels_per_image: int = 5
+    cycles: int = 5
+    mc_samples: int = 20
+    inference_batch_size: int = 32
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def fingerprint(self, acquisition: str, seed: int) -> str:
+        identity = {"acquisition": acquisition, "seed": seed, **asdict(self)}
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class CycleRecord:
+    cycle: int
+    labelled_pixels: int
+    labelled_percent: float
+    miou: float
+    acquired: bool = False
+
+
+class Oracle(Protocol):
+    """Answers label queries: the class of each queried pixel (or the void value)."""
+
+    def void_mask(self, image_id: str) -> Tensor:
+        """BoolTensor[H, W] of pixels known to be unlabellable before asking."""
+
+    def __call__(self, image_id: str, coords: Tensor) -> Tensor:
+        """Classes ``[n]`` of pixels ``coords [n, 2]`` (row, col)."""
+
+
+class GroundTruthOracle:
+    """Simulated annotator reading the dense masks of a dataset."""
+
+    def __init__(self, dataset: SegmentationDataset):
+        self.dataset = dataset
+
+    def _mask(self, image_id: str) -> Tensor:
+        return self.dataset[self.dataset.index_of(image_id)].mask
+
+    def void_mask(self, image_id: str) -> Tensor:
+        return self._mask(image_id) == self.dataset.ignore_index
+
+    def __call__(self, image_id: str, coords: Tensor) -> Tensor:
+        mask = self._mask(image_id)
+        return mask[coords[:, 0], coords[:, 1]]
+
+
+def _derived_generator(device: torch.device, *key: Union[int, str]) -> torch.Generator:
+    seed = int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "little")
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+class StateMismatchError(RuntimeError):
+    """The state directory belongs to a run with a different configuration."""
+
+
+class ActiveLearningLoop:
+    """One run (one acquisition, one seed) of sparse-pixel active learning."""
+
+    def __init__(
+        self,
+        config: LoopConfig,
+        acquisition: str,
+        seed: int,
+        train_set: SegmentationDataset,
+        val_set: SegmentationDataset,
+        state_dir: Union[str, os.PathLike],
+        oracle: Optional[Oracle] = None,
+        device: Union[str, torch.device] = "cpu",
+        progress: bool = True,
+    ):
+        self.config, self.acquisition, self.seed = config, acquisition, seed
+        self.train_set, self.val_set = train_set, val_set
+        self.score_fn, self.rule = get_score(acquisition), get_rule(config.selection)
+        self.state_dir = Path(state_dir)
+        self.oracle = oracle if oracle is not None else GroundTruthOracle(train_set)
+        self.device, self.progress = torch.device(device), progress
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_path = self.state_dir / "state.json"
+        self.records = self._load_state()
+        self.shapes = train_set.image_shapes()
+        self.total_pixels = sum(h * w for h, w in self.shapes.values())
+        self.labels = SparseLabels(self.state_dir / "labels", self.shapes, train_set.num_classes, train_set.ignore_index)
+
+    # -- state -------------------------------------------------------------------------------
+    def _load_state(self) -> list[CycleRecord]:
+        if not self.state_path.exists():
+            return []
+        state = json.loads(self.state_path.read_text())
+        if state["fingerprint"] != self.config.fingerprint(self.acquisition, self.seed):
+            raise StateMismatchError(
+                f"{self.state_dir} holds a run with a different configuration; use another output_dir "
+                f"or delete that folder to start over"
+            )
+        return [CycleRecord(**record) for record in state["cycles"]]
+
+    def _save_state(self) -> None:
+        state = {"fingerprint": self.config.fingerprint(self.acquisition, self.seed), "acquisition": self.acquisition,
+                 "seed": self.seed, "config": asdict(self.config),
+                 "cycles": [asdict(record) for record in self.records]}
+        atomic_write_bytes(self.state_path, json.dumps(state, indent=2).encode())
+
+    # -- steps -------------------------------------------------------------------------------
+    def _label(self, tag: str, choose, image_ids) -> None:
+        """For each image not yet labelled under ``tag``: coords = choose(image_id, available)."""
+        for image_id in image_ids:
+            if self.labels.has_tag(image_id, tag):
+                continue
+            available = ~self.labels.labelled_mask(image_id) & ~self.oracle.void_mask(image_id).cpu()
+            try:
+                coords = choose(image_id, available)
+            except NotEnoughPixelsError as error:
+                raise NotEnoughPixelsError(f"image {image_id!r}: {error}") from None
+            self.labels.add(image_id, coords, self.oracle(image_id, coords), tag=tag)
+
+    def initial_labels(self) -> None:
+        """n random pixels per image; they depend on the seed only, so every acquisition of a
+        seed starts from the same labels."""
+        generator = _derived_generator(torch.device("cpu"), self.seed, "initial")
+        n = self.config.pixels_per_image
+
+        def choose(image_id: str, available: Tensor) -> Tensor:
+            return top_n(torch.rand(available.shape, generator=generator), available, n)
+
+        self._label("initial", choose, self.train_set.ids)
+
+    def train_model(self, cycle: int) -> Segmenter:
+        torch.manual_seed(self.seed)  # same initial weights every cycle
+        model = self.config.model.build(self.train_set.num_classes).to(self.device)
+        train_config = TrainConfig(**{**asdict(self.config.train), "seed": self.seed * 1000 + cycle})
+        dataset = SparseTargetDataset(self.train_set, self.labels, self.train_set.ignore_index)
+        train_segmenter(model, dataset, train_config, self.train_set.ignore_index, progress=self.progress)
+        return model
+
+    def acquire(self, model: Segmenter, cycle: int) -> None:
+        """Score every pool image with MC dropout and label n pixels of each by the rule."""
+        tag = f"cycle{cycle}"
+        generator = _derived_generator(self.device, self.seed, self.acquisition, cycle)
+        pending = [i for i in self.train_set.ids if not self.labels.has_tag(i, tag)]
+        subset = [self.train_set[self.train_set.index_of(i)] for i in pending]
+        loader = DataLoader(subset, batch_size=self.config.inference_batch_size, collate_fn=collate_samples)
+        for batch in tqdm(loader, desc=f"acquire {self.acquisition}", disable=not self.progress, leave=False):
+            probs = mc_probs(model, batch["image"].to(self.device), self.config.mc_samples, generator)
+            scores = self.score_fn(probs, generator).cpu()  # [B, H, W]
+            by_id = dict(zip(batch["id"], scores))
+            rule_generator = generator if generator.device.type == "cpu" else None
+
+            def choose(image_id: str, available: Tensor) -> Tensor:
+                return self.rule(by_id[image_id], available, self.config.pixels_per_image, rule_generator)
+
+            self._label(tag, choose, batch["id"])
+
+    def run(self) -> list[CycleRecord]:
+        """Run (or resume) all cycles; returns one record per cycle (cycles + 1 evaluations)."""
+        self.initial_labels()
+        model_dir = self.state_dir / "model"
+        for cycle in tqdm(range(self.config.cycles + 1), desc=f"{self.acquisition} seed {self.seed}",
+                          disable=not self.progress):
+            done = cycle < len(self.records)
+            if done and self.records[cycle].acquired:
+                continue
+            if done:  # trained and evaluated before a crash; only the acquisition is missing
+                model = Segmenter.from_pretrained(model_dir).to(self.device)
+            else:
+                model = self.train_model(cycle)
+                model.save_pretrained(model_dir)
+                scores = evaluate(model, self.val_set)
+                labelled = self.labels.count()
+                self.records.append(CycleRecord(cycle, labelled, 100.0 * labelled / self.total_pixels, scores.miou))
+                self._save_state()
+            if cycle < self.config.cycles:
+                self.acquire(model, cycle)
+            self.records[cycle].acquired = True
+            self._save_state()
+        return self.records

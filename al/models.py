@@ -1,0 +1,158 @@
+"""Segmenters over segmentation-models-pytorch with a last-layer MC-dropout head.
+
+The smp head is replaced by ``Dropout -> 1x1 classifier -> upsampling`` so that MC dropout
+(``al.mc``) can run the expensive encoder/decoder once and only the cheap head K times.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import segmentation_models_pytorch as smp
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+ARCHITECTURES: dict[str, type] = {
+    "unet": smp.Unet,
+    "deeplabv3plus": smp.DeepLabV3Plus,
+    "fpn": smp.FPN,
+}
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class SegmenterConfig:
+    """Constructor arguments of a :class:`Segmenter`; saved beside its weights."""
+
+    arch: str
+    encoder: str
+    num_classes: int
+    dropout: float = 0.2
+    in_channels: int = 3
+    encoder_depth: int = 5
+    # smp's own decoder width argument (a list for Unet, an int for DeepLabV3Plus); None = smp default.
+    decoder_channels: Optional[Union[int, tuple[int, ...]]] = None
+
+
+class Segmenter(nn.Module):
+    """An smp model whose head is ``Dropout -> 1x1 conv -> upsample``.
+
+    ``features(x)`` runs encoder + decoder once; ``classify(features)`` runs the head.
+    ``forward(x) = classify(features(x))`` returns logits ``[N, C, H, W]``.
+    """
+
+    def __init__(self, config: SegmenterConfig, encoder_weights: Optional[str] = None):
+        super().__init__()
+        arch = config.arch.lower()
+        if arch not in ARCHITECTURES:
+            raise KeyError(f"unknown architecture {config.arch!r}; choose one of {sorted(ARCHITECTURES)}")
+        if not 0.0 <= config.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {config.dropout}")
+        self.config = config
+        decoder = {} if config.decoder_channels is None else {"decoder_channels": config.decoder_channels}
+        try:
+            self.net = ARCHITECTURES[arch](
+                encoder_name=config.encoder,
+                encoder_weights=encoder_weights,
+                encoder_depth=config.encoder_depth,
+                in_channels=config.in_channels,
+                classes=config.num_classes,
+                **decoder,
+            )
+        except (TypeError, KeyError, ValueError) as error:
+            raise ValueError(f"cannot build {config.arch} with encoder {config.encoder!r}: {error}") from error
+        conv = self.net.segmentation_head[0]
+        # A 1x1 classifier, so that dropout before it is per-pixel last-layer MC dropout.
+        self.net.segmentation_head[0] = nn.Conv2d(conv.in_channels, config.num_classes, kernel_size=1)
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    def features(self, images: Tensor) -> Tensor:
+        """Decoder output. Shape: ``[N, in_channels, H, W] -> [N, D, h, w]``."""
+        self.net.check_input_shape(images)
+        return self.net.decoder(self.net.encoder(images))
+
+    def classify(
+        self,
+        features: Tensor,
+        generator: Optional[torch.Generator] = None,
+        stochastic: Optional[bool] = None,
+    ) -> Tensor:
+        """Dropout + classifier + upsampling. Shape: ``[N, D, h, w] -> [N, C, H, W]`` logits.
+
+        Dropout is active when ``stochastic`` (default: ``self.training``); ``generator`` makes
+        the dropout mask reproducible (it must live on ``features.device``).
+        """
+        stochastic = self.training if stochastic is None else stochastic
+        p = self.config.dropout
+        if stochastic and p > 0:
+            if generator is None:
+                features = F.dropout(features, p=p, training=True)
+            else:
+                keep = torch.empty_like(features).bernoulli_(1.0 - p, generator=generator)
+                features = features * keep / (1.0 - p)
+        return self.net.segmentation_head(features)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.classify(self.features(images))
+
+    def save_pretrained(self, directory: Union[str, os.PathLike]) -> None:
+        """Write ``config.json`` + ``model.safetensors``; each file appears atomically."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        tmp_weights = directory / (WEIGHTS_NAME + ".tmp")
+        save_file(state, str(tmp_weights))
+        os.replace(tmp_weights, directory / WEIGHTS_NAME)
+        tmp_config = directory / (CONFIG_NAME + ".tmp")
+        tmp_config.write_text(json.dumps({"class": type(self).__name__, **asdict(self.config)}, indent=2))
+        os.replace(tmp_config, directory / CONFIG_NAME)
+
+    @classmethod
+    def from_pretrained(cls, directory: Union[str, os.PathLike], map_location: str = "cpu") -> "Segmenter":
+        """Load a segmenter written by :meth:`save_pretrained`."""
+        directory = Path(directory)
+        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} is missing; expected a folder written by Segmenter.save_pretrained")
+        try:
+            raw = json.loads(config_path.read_text())
+            raw.pop("class", None)
+            if isinstance(raw.get("decoder_channels"), list):
+                raw["decoder_channels"] = tuple(raw["decoder_channels"])
+            config = SegmenterConfig(**raw)
+        except (json.JSONDecodeError, TypeError) as error:
+            raise ValueError(f"{config_path} is not a valid segmenter config: {error}") from error
+        model = cls(config)
+        model.load_state_dict(load_file(str(weights_path), device=map_location))
+        return model
+
+
+def build_segmenter(
+    arch: str,
+    encoder: str,
+    num_classes: int,
+    dropout: float = 0.2,
+    encoder_weights: Optional[str] = None,
+    in_channels: int = 3,
+    encoder_depth: int = 5,
+    decoder_channels: Optional[Union[int, tuple[int, ...]]] = None,
+) -> Segmenter:
+    """Build a :class:`Segmenter`: any smp architecture in ``ARCHITECTURES`` and any smp encoder.
+
+    ``encoder_weights=None`` (the default, and what tests use) initialises randomly; other values
+    are passed to smp, which may download them.
+    """
+    config = SegmenterConfig(arch, encoder, num_classes, dropout, in_channels, encoder_depth, decoder_channels)
+    return Segmenter(config, encoder_weights)

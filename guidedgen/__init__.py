@@ -1,0 +1,1 @@
+"""Guided ControlNet generation of segmentation datasets (builds on ``al``)."""

@@ -1,0 +1,36 @@
+"""Sparse-pixel active learning: several acquisitions x seeds, curves and uncertainty maps.
+
+    python scripts/active_learning.py --config configs/al_digits.yaml [key=value ...]
+
+Overrides use dotted keys, e.g. ``seeds=[0,1,2] loop.cycles=3 loop.train.epochs=5``.
+Re-running with the same output_dir resumes; runs may be split over several processes.
+"""
+
+import argparse
+import sys
+
+from al.config import ConfigError, load_config
+from al.data.base import DatasetError
+from al.experiment import ExperimentConfig, run_experiment
+from al.loop import StateMismatchError
+from al.select import NotEnoughPixelsError
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML file (keys of al.experiment.ExperimentConfig)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(ExperimentConfig, args.config, args.overrides)
+        summary = run_experiment(config)
+    except (ConfigError, DatasetError, StateMismatchError, NotEnoughPixelsError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(summary)
+    print(f"\nwrote {config.output_dir}/curve.csv, curve.png, uncertainty_maps.png, summary.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
