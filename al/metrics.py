@@ -40,6 +40,6 @@ class SegmentationScores:
         total = confusion.sum().item()
         return cls(
             miou=float(iou.nanmean()),
-            pixel_accuracy=float(confusion.diag().sum() / total) if total else float("nan"),
+            pixel_accuracy=confusion.diag().sum().item() / total if total else float("nan"),
             iou=iou.tolist(),
         )

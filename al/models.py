@@ -104,7 +104,14 @@ class Segmenter(nn.Module):
         return self.net.segmentation_head(features)
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.classify(self.features(images))
+        logits = self.classify(self.features(images))
+        if logits.shape[-2:] != images.shape[-2:]:
+            # e.g. smp's FPN upsamples by a fixed 4x, which only fits encoder_depth=5
+            raise ValueError(
+                f"{self.config.arch} with encoder_depth={self.config.encoder_depth} predicts "
+                f"{tuple(logits.shape[-2:])} for a {tuple(images.shape[-2:])} input; use another encoder_depth"
+            )
+        return logits
 
     def save_pretrained(self, directory: Union[str, os.PathLike]) -> None:
         """Write ``config.json`` + ``model.safetensors``; each file appears atomically."""

@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny seeded datasets and models, built in code (no files, no network)."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from al.data import ArrayDataset, DigitScenesConfig, digit_scenes
+from al.loop import LoopConfig, ModelConfig
+from al.train import TrainConfig
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("RUN_SLOW"):
+        return
+    skip = pytest.mark.skip(reason="slow; set RUN_SLOW=1 to run")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_digits():
+    """(train, val) DigitScenes at 32x32, 6 + 4 images."""
+    common = dict(size=32, min_digit_size=14, max_digit_size=20, min_digits=1, max_digits=2)
+    return (
+        digit_scenes(DigitScenesConfig(num_images=6, split="train", **common)),
+        digit_scenes(DigitScenesConfig(num_images=4, split="val", **common)),
+    )
+
+
+def tiny_model_config() -> ModelConfig:
+    return ModelConfig(arch="unet", encoder="tu-resnet10t", dropout=0.2, encoder_depth=3, decoder_channels=[16, 8, 8])
+
+
+def tiny_loop_config(**overrides) -> LoopConfig:
+    values = dict(pixels_per_image=3, cycles=2, mc_samples=4, inference_batch_size=4,
+                  model=tiny_model_config(), train=TrainConfig(epochs=1, batch_size=4))
+    values.update(overrides)
+    return LoopConfig(**values)
+
+
+def random_dataset(n=3, size=32, classes=("a", "b", "c"), seed=0) -> ArrayDataset:
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
+    masks = rng.integers(0, len(classes), size=(n, size, size), dtype=np.uint8)
+    return ArrayDataset(images, masks, list(classes), [f"img{i}" for i in range(n)])

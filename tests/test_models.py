@@ -1,0 +1,99 @@
+import pytest
+import torch
+
+from al.mc import mc_probs
+from al.models import ARCHITECTURES, Segmenter, build_segmenter
+
+# Small smp configurations per architecture, 64x64 inputs (as smp's own model tests).
+TINY = {
+    "unet": dict(encoder="tu-resnet10t", encoder_depth=3, decoder_channels=(16, 8, 8)),
+    "deeplabv3plus": dict(encoder="tu-resnet10t", encoder_depth=4, decoder_channels=16),
+    "fpn": dict(encoder="tu-resnet10t", encoder_depth=5),
+}
+
+
+def tiny(arch, dropout=0.3):
+    torch.manual_seed(0)
+    return build_segmenter(arch, num_classes=5, dropout=dropout, **TINY[arch])
+
+
+def test_every_architecture_has_a_tiny_config():
+    assert set(TINY) == set(ARCHITECTURES)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_forward_backward_and_head(arch):
+    model = tiny(arch)
+    x = torch.rand(2, 3, 64, 64)
+    logits = model(x)
+    assert logits.shape == (2, 5, 64, 64)
+    logits.mean().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert model.net.segmentation_head[0].kernel_size == (1, 1)
+    model.eval()
+    assert torch.allclose(model(x), model.classify(model.features(x)))
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_save_pretrained_round_trip(arch, tmp_path):
+    model = tiny(arch).eval()
+    x = torch.rand(1, 3, 64, 64)
+    model.save_pretrained(tmp_path)
+    loaded = Segmenter.from_pretrained(tmp_path).eval()
+    assert loaded.config == model.config
+    assert torch.equal(loaded(x), model(x))
+
+
+def test_from_pretrained_names_the_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        Segmenter.from_pretrained(tmp_path)
+
+
+def test_unknown_architecture_lists_valid_names():
+    with pytest.raises(KeyError, match="deeplabv3plus"):
+        build_segmenter("segformer", "tu-resnet10t", 3)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_mc_probs_runs_backbone_once_and_samples_the_head(arch):
+    model = tiny(arch)
+    calls = []
+    model.net.encoder.register_forward_hook(lambda *_: calls.append(1))
+    x = torch.rand(2, 3, 64, 64)
+    probs = mc_probs(model, x, k=6, generator=torch.Generator().manual_seed(0))
+    assert probs.shape == (6, 2, 5, 64, 64)
+    assert len(calls) == 1
+    assert torch.allclose(probs.sum(2), torch.ones(6, 2, 64, 64), atol=1e-5)
+    assert not torch.allclose(probs[0], probs[1])  # dropout differs between samples
+    assert model.training  # mode restored
+
+
+def test_mc_probs_is_reproducible_and_uses_eval_batchnorm():
+    model = tiny("unet")
+    x = torch.rand(2, 3, 64, 64)
+    a = mc_probs(model, x, 4, torch.Generator().manual_seed(1))
+    b = mc_probs(model, x, 4, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    no_dropout = tiny("unet", dropout=0.0)
+    single = mc_probs(no_dropout, x[:1], 3)
+    model_eval = no_dropout.eval()
+    assert torch.allclose(single[0], model_eval(x[:1]).softmax(1), atol=1e-6)
+    assert torch.allclose(single[0], single[2])
+
+
+def test_mc_dropout_mean_matches_deterministic_prediction_in_expectation():
+    """Inverted dropout keeps the expected logits: the mean logit over many masks is close to
+    the no-dropout logit."""
+    model = tiny("unet", dropout=0.5).eval()
+    x = torch.rand(1, 3, 64, 64)
+    features = model.features(x)
+    generator = torch.Generator().manual_seed(0)
+    mean = torch.stack([model.classify(features, generator, stochastic=True) for _ in range(400)]).mean(0)
+    deterministic = model.classify(features)
+    assert (mean - deterministic).abs().mean() < 0.1 * deterministic.abs().mean()
+
+
+def test_a_head_that_does_not_restore_the_input_size_is_refused():
+    model = build_segmenter("fpn", "tu-resnet10t", 3, encoder_depth=3)
+    with pytest.raises(ValueError, match="encoder_depth=3 predicts"):
+        model(torch.rand(1, 3, 64, 64))
