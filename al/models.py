@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from al.pretrained import LOCAL_ENCODER_WEIGHTS
+
 ARCHITECTURES: dict[str, type] = {
     "unet": smp.Unet,
     "deeplabv3plus": smp.DeepLabV3Plus,
@@ -58,10 +60,11 @@ class Segmenter(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {config.dropout}")
         self.config = config
         decoder = {} if config.decoder_channels is None else {"decoder_channels": config.decoder_channels}
+        local_weights = LOCAL_ENCODER_WEIGHTS.get(encoder_weights) if encoder_weights else None
         try:
             self.net = ARCHITECTURES[arch](
                 encoder_name=config.encoder,
-                encoder_weights=encoder_weights,
+                encoder_weights=None if local_weights else encoder_weights,
                 encoder_depth=config.encoder_depth,
                 in_channels=config.in_channels,
                 classes=config.num_classes,
@@ -69,6 +72,11 @@ class Segmenter(nn.Module):
             )
         except (TypeError, KeyError, ValueError) as error:
             raise ValueError(f"cannot build {config.arch} with encoder {config.encoder!r}: {error}") from error
+        if local_weights:
+            local_weights(getattr(self.net.encoder, "model", self.net.encoder))
+        # Inputs are images in [0, 1]; ImageNet statistics suit pretrained and random encoders alike.
+        self.register_buffer("pixel_mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
         conv = self.net.segmentation_head[0]
         # A 1x1 classifier, so that dropout before it is per-pixel last-layer MC dropout.
         self.net.segmentation_head[0] = nn.Conv2d(conv.in_channels, config.num_classes, kernel_size=1)
@@ -78,8 +86,10 @@ class Segmenter(nn.Module):
         return self.config.num_classes
 
     def features(self, images: Tensor) -> Tensor:
-        """Decoder output. Shape: ``[N, in_channels, H, W] -> [N, D, h, w]``."""
+        """Decoder output for images in [0, 1]. Shape: ``[N, 3, H, W] -> [N, D, h, w]``."""
         self.net.check_input_shape(images)
+        if images.shape[1] == 3:
+            images = (images - self.pixel_mean) / self.pixel_std
         return self.net.decoder(self.net.encoder(images))
 
     def classify(
@@ -158,8 +168,9 @@ def build_segmenter(
 ) -> Segmenter:
     """Build a :class:`Segmenter`: any smp architecture in ``ARCHITECTURES`` and any smp encoder.
 
-    ``encoder_weights=None`` (the default, and what tests use) initialises randomly; other values
-    are passed to smp, which may download them.
+    ``encoder_weights=None`` (the default) initialises randomly; a name in
+    ``al.pretrained.LOCAL_ENCODER_WEIGHTS`` loads weights shipped in an installed package; other
+    values are passed to smp, which may download them.
     """
     config = SegmenterConfig(arch, encoder, num_classes, dropout, in_channels, encoder_depth, decoder_channels)
     return Segmenter(config, encoder_weights)

@@ -33,7 +33,7 @@ def read_rgb(path: Path) -> np.ndarray:
     """uint8 [H, W, 3] from any image file PIL reads."""
     try:
         with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
+            return np.array(image.convert("RGB"))
     except FileNotFoundError:
         raise DatasetError(f"{path}: image file not found; check the dataset root and split list") from None
     except (UnidentifiedImageError, OSError) as error:
@@ -49,7 +49,7 @@ def read_index_mask(path: Path) -> np.ndarray:
                     f"{path}: mask has mode {image.mode!r}; expected a single-channel PNG of class ids "
                     f"(mode L or P). Colour-coded masks must be converted to class ids first."
                 )
-            return np.asarray(image)
+            return np.array(image)
     except FileNotFoundError:
         raise DatasetError(f"{path}: mask file not found; every image needs a mask of the same name") from None
     except (UnidentifiedImageError, OSError) as error:

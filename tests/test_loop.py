@@ -1,0 +1,135 @@
+"""The active-learning loop end to end on tiny data: labels per cycle, resume after a crash,
+state protection, and the CLI with its errors."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from al.config import ConfigError, load_config
+from al.experiment import ExperimentConfig, run_experiment
+from al.loop import ActiveLearningLoop, GroundTruthOracle, StateMismatchError
+from al.select import NotEnoughPixelsError
+from conftest import tiny_loop_config
+from scripts.active_learning import main as cli_main
+
+
+def per_image_counts(loop):
+    return {i: len(loop.labels.pixels(i)) for i in loop.train_set.ids}
+
+
+def test_each_cycle_labels_n_new_pixels_per_image(tiny_digits, tmp_path):
+    train, val = tiny_digits
+    loop = ActiveLearningLoop(tiny_loop_config(), "balent", 0, train, val, tmp_path, progress=False)
+    records = loop.run()
+    assert [r.cycle for r in records] == [0, 1, 2]
+    assert [r.labelled_pixels for r in records] == [18, 36, 54]  # 6 images x 3 px per cycle
+    assert records[-1].labelled_percent == pytest.approx(100 * 54 / (6 * 32 * 32))
+    assert set(per_image_counts(loop).values()) == {9}
+    # every label is the ground truth of its pixel
+    for image_id in train.ids:
+        mask = train[train.index_of(image_id)].mask
+        assert all(mask[r, c] == cls for (r, c), cls in loop.labels.pixels(image_id).items())
+    assert (tmp_path / "model" / "model.safetensors").exists()
+
+
+def test_acquisitions_of_a_seed_start_from_the_same_labels(tiny_digits, tmp_path):
+    train, val = tiny_digits
+    config = tiny_loop_config(cycles=0)
+    a = ActiveLearningLoop(config, "balent", 3, train, val, tmp_path / "a", progress=False)
+    b = ActiveLearningLoop(config, "random", 3, train, val, tmp_path / "b", progress=False)
+    a.initial_labels(), b.initial_labels()
+    assert all(a.labels.pixels(i) == b.labels.pixels(i) for i in train.ids)
+
+
+class CrashingOracle(GroundTruthOracle):
+    """Answers ``budget`` queries, then dies like a killed process."""
+
+    def __init__(self, dataset, budget):
+        super().__init__(dataset)
+        self.budget = budget
+
+    def __call__(self, image_id, coords):
+        if self.budget == 0:
+            raise KeyboardInterrupt("killed")
+        self.budget -= 1
+        return super().__call__(image_id, coords)
+
+
+@pytest.mark.parametrize("budget", [3, 8, 14])
+def test_resume_after_a_crash_loses_and_duplicates_nothing(tiny_digits, tmp_path, budget):
+    """Crash during the initial labelling, during cycle 0's or cycle 1's acquisition; a fresh
+    loop on the same folder finishes with exactly n labels per image per cycle."""
+    train, val = tiny_digits
+    config = tiny_loop_config()
+    with pytest.raises(KeyboardInterrupt):
+        ActiveLearningLoop(config, "entropy", 0, train, val, tmp_path, CrashingOracle(train, budget), progress=False).run()
+    resumed = ActiveLearningLoop(config, "entropy", 0, train, val, tmp_path, progress=False)
+    records = resumed.run()
+    assert [r.cycle for r in records] == [0, 1, 2] and all(r.acquired for r in records)
+    assert set(per_image_counts(resumed).values()) == {9}
+    for image_id in train.ids:
+        for tag in ("initial", "cycle0", "cycle1"):
+            assert resumed.labels.has_tag(image_id, tag)
+
+
+def test_a_finished_run_is_not_recomputed(tiny_digits, tmp_path):
+    train, val = tiny_digits
+    first = ActiveLearningLoop(tiny_loop_config(cycles=1), "margin", 0, train, val, tmp_path, progress=False).run()
+    again = ActiveLearningLoop(tiny_loop_config(cycles=1), "margin", 0, train, val, tmp_path, progress=False)
+    again.train_model = None  # any training attempt would fail
+    assert again.run() == first
+
+
+def test_state_of_another_configuration_is_refused(tiny_digits, tmp_path):
+    train, val = tiny_digits
+    ActiveLearningLoop(tiny_loop_config(cycles=0), "bald", 0, train, val, tmp_path, progress=False).run()
+    with pytest.raises(StateMismatchError, match="different configuration"):
+        ActiveLearningLoop(tiny_loop_config(cycles=0, pixels_per_image=4), "bald", 0, train, val, tmp_path)
+
+
+def test_running_out_of_pixels_names_the_image(tiny_digits, tmp_path):
+    train, val = tiny_digits
+    loop = ActiveLearningLoop(tiny_loop_config(pixels_per_image=32 * 32 + 1), "random", 0, train, val, tmp_path)
+    with pytest.raises(NotEnoughPixelsError, match="image 'train_0_000000'"):
+        loop.initial_labels()
+
+
+def tiny_experiment_overrides(tmp_path):
+    return [
+        f"output_dir={tmp_path}", "acquisitions=[balent,random]", "seeds=[0]", "progress=false",
+        "data.num_train_images=4", "data.num_val_images=2", "data.size=32", "uncertainty_map_images=2",
+        "loop.cycles=1", "loop.pixels_per_image=2", "loop.mc_samples=3", "loop.train.epochs=1",
+        "loop.model.encoder_depth=3", "loop.model.decoder_channels=[16,8,8]", "loop.model.encoder=tu-resnet10t",
+        "loop.model.encoder_weights=null",
+    ]
+
+
+def test_cli_writes_curve_and_plots(tmp_path, capsys):
+    assert cli_main(["--config", "configs/al_digits.yaml", *tiny_experiment_overrides(tmp_path)]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "curve.csv")))
+    assert {(r["acquisition"], r["cycle"]) for r in rows} == {("balent", "0"), ("balent", "1"), ("random", "0"), ("random", "1")}
+    assert {r["labelled_pixels"] for r in rows} == {"8", "16"}
+    for name in ("curve.png", "uncertainty_maps.png", "summary.md"):
+        assert (tmp_path / name).stat().st_size > 1000 or name == "summary.md"
+    assert "| cycle | labelled px | balent | random |" in capsys.readouterr().out
+    assert json.loads((tmp_path / "supervised" / "seed_0.json").read_text())["miou"] >= 0
+
+
+@pytest.mark.parametrize("override,message", [
+    ("acquisitions=[balnet]", "'acquisitions' = 'balnet' is not allowed; expected one of"),
+    ("loop.selection=best", "'loop.selection'"),
+    ("loop.mc_samples=1", "'loop.mc_samples'"),
+    ("loop.cycles=many", "loop.cycles"),
+    ("loop.no_such_key=1", "no_such_key"),
+    ("data.kind=cityscapes", "'data.root'"),
+])
+def test_cli_explains_bad_configuration(tmp_path, capsys, override, message):
+    assert cli_main(["--config", "configs/al_digits.yaml", f"output_dir={tmp_path}", override]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_config_file_is_explained():
+    with pytest.raises(ConfigError, match="nope.yaml not found"):
+        load_config(ExperimentConfig, "nope.yaml")
