@@ -10,6 +10,16 @@ from torch import Tensor
 from al.models import Segmenter
 
 
+def sample_head(model: Segmenter, features: Tensor, k: int, generator: Optional[torch.Generator] = None) -> Tensor:
+    """K dropout samples of the head's softmax on precomputed features; differentiable.
+
+    Shape: ``features [N, D, h, w] -> [K, N, C, H, W]``.
+    """
+    if k < 1:
+        raise ValueError(f"k (MC samples) must be >= 1, got {k}")
+    return torch.stack([model.classify(features, generator=generator, stochastic=True).softmax(1) for _ in range(k)])
+
+
 @torch.no_grad()
 def mc_probs(
     model: Segmenter,
@@ -24,14 +34,9 @@ def mc_probs(
 
     Shape: ``images [N, 3, H, W] -> [K, N, C, H, W]``.
     """
-    if k < 1:
-        raise ValueError(f"k (MC samples) must be >= 1, got {k}")
     was_training = model.training
     model.eval()
     try:
-        features = model.features(images)
-        return torch.stack(
-            [model.classify(features, generator=generator, stochastic=True).softmax(1) for _ in range(k)]
-        )
+        return sample_head(model, model.features(images), k, generator)
     finally:
         model.train(was_training)

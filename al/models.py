@@ -113,6 +113,16 @@ class Segmenter(nn.Module):
                 features = features * keep / (1.0 - p)
         return self.net.segmentation_head(features)
 
+    def classifier_inputs(self, features: Tensor) -> Tensor:
+        """The classifier's input brought to output resolution, ``[N, D, H, W]``. Because the
+        classifier is 1x1 and the upsampling linear (weights summing to 1), logits equal
+        ``W @ classifier_inputs + b`` per pixel: the last layer's gradient in closed form."""
+        return self.net.segmentation_head[1](features)
+
+    @property
+    def classifier(self) -> nn.Conv2d:
+        return self.net.segmentation_head[0]
+
     def forward(self, images: Tensor) -> Tensor:
         logits = self.classify(self.features(images))
         if logits.shape[-2:] != images.shape[-2:]:

@@ -1,0 +1,179 @@
+"""The Stable-Diffusion + ControlNet component set: real checkpoints loaded with
+``from_pretrained(path_or_id)``, or a tiny random set built in code for tests and CPU demos.
+
+The folder layout is the diffusers one (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
+``scheduler/``), so a saved tiny set loads through exactly the code that loads SD-1.5.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from diffusers import (AutoencoderKL, ControlNetModel, DDIMScheduler, DPMSolverMultistepScheduler,
+                       EulerDiscreteScheduler, UNet2DConditionModel, UniPCMultistepScheduler)
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from tokenizers.pre_tokenizers import ByteLevel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+# Config name -> scheduler class; every one exposes alphas_cumprod and scale_model_input.
+SCHEDULERS: dict[str, type] = {
+    "ddim": DDIMScheduler,
+    "unipc": UniPCMultistepScheduler,
+    "dpm_solver": DPMSolverMultistepScheduler,
+    "euler": EulerDiscreteScheduler,
+}
+
+TORCH_DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class ComponentsConfig:
+    """Where the models come from. Key names follow the diffusers training examples."""
+
+    pretrained_model_name_or_path: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    controlnet_model_name_or_path: list[str] = field(default_factory=lambda: ["lllyasviel/control_v11p_sd15_seg"])
+    revision: Optional[str] = None
+    variant: Optional[str] = None
+    local_files_only: bool = False
+    scheduler: str = "ddim"
+    mixed_precision: str = "no"  # weights dtype: no/fp32, fp16, bf16
+    enable_xformers_memory_efficient_attention: bool = False
+
+
+@dataclass
+class Components:
+    unet: UNet2DConditionModel
+    controlnets: list[ControlNetModel]
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler: SchedulerMixin
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [self.unet, *self.controlnets, self.vae, self.text_encoder]
+
+    def to(self, device: Union[str, torch.device], dtype: Optional[torch.dtype] = None) -> "Components":
+        for module in self.modules():
+            module.to(device=device, dtype=dtype)
+        return self
+
+    def save_pretrained(self, directory: Union[str, os.PathLike]) -> list[Path]:
+        """Write the diffusers layout; ControlNets go to ``controlnet/`` (or ``controlnet_<i>/``).
+        Returns the ControlNet folders, in order."""
+        directory = Path(directory)
+        self.unet.save_pretrained(directory / "unet")
+        self.vae.save_pretrained(directory / "vae")
+        self.text_encoder.save_pretrained(directory / "text_encoder")
+        self.tokenizer.save_pretrained(directory / "tokenizer")
+        self.scheduler.save_pretrained(directory / "scheduler")
+        names = ["controlnet"] if len(self.controlnets) == 1 else [f"controlnet_{i}" for i in range(len(self.controlnets))]
+        for name, controlnet in zip(names, self.controlnets):
+            controlnet.save_pretrained(directory / name)
+        return [directory / name for name in names]
+
+
+def _scheduler_class(name: str) -> type:
+    try:
+        return SCHEDULERS[name]
+    except KeyError:
+        raise KeyError(f"unknown scheduler {name!r}; choose one of {sorted(SCHEDULERS)}") from None
+
+
+def load_components(config: ComponentsConfig) -> Components:
+    """Load real checkpoints (a local folder or a hub id) with ``from_pretrained``."""
+    if config.mixed_precision not in TORCH_DTYPES:
+        raise ValueError(f"mixed_precision={config.mixed_precision!r}; choose one of {sorted(TORCH_DTYPES)}")
+    dtype = TORCH_DTYPES[config.mixed_precision]
+    common = dict(revision=config.revision, local_files_only=config.local_files_only)
+    weights = dict(common, variant=config.variant, torch_dtype=dtype)
+    path = config.pretrained_model_name_or_path
+    try:
+        components = Components(
+            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", **weights),
+            controlnets=[ControlNetModel.from_pretrained(p, variant=config.variant, torch_dtype=dtype,
+                                                         local_files_only=config.local_files_only)
+                         for p in config.controlnet_model_name_or_path],
+            vae=AutoencoderKL.from_pretrained(path, subfolder="vae", **weights),
+            text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **weights),
+            tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **common),
+            scheduler=_scheduler_class(config.scheduler).from_pretrained(path, subfolder="scheduler", **common),
+        )
+    except (OSError, ValueError) as error:
+        raise OSError(
+            f"cannot load the component set from {path!r} with ControlNets {config.controlnet_model_name_or_path}: "
+            f"{error}. Pass a local folder in the diffusers layout, or a hub id with network access "
+            f"(local_files_only=false)."
+        ) from error
+    for module in components.modules():
+        module.requires_grad_(False).eval()
+    if config.enable_xformers_memory_efficient_attention:
+        enable_xformers(components)
+    return components
+
+
+def enable_xformers(components: Components) -> bool:
+    """Use xformers attention when it is importable and on CUDA; otherwise keep PyTorch SDPA.
+    Returns whether xformers is in use."""
+    try:
+        import xformers  # noqa: F401
+    except ImportError:
+        return False
+    if not torch.cuda.is_available():
+        return False
+    for module in (components.unet, *components.controlnets, components.vae):
+        module.enable_xformers_memory_efficient_attention()
+    return True
+
+
+def tiny_tokenizer(max_length: int = 16) -> CLIPTokenizer:
+    """A character-level CLIP tokenizer built in code: every byte-level character, alone and as
+    end-of-word, with no merges. Enough to turn prompts into distinct token ids offline."""
+    alphabet = sorted(ByteLevel.alphabet())
+    tokens = ["<|startoftext|>", "<|endoftext|>"] + alphabet + [c + "</w>" for c in alphabet]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+
+
+def tiny_components(seed: int = 0, num_controlnets: int = 1, scheduler: str = "ddim") -> Components:
+    """A complete, tiny, randomly initialised SD + ControlNet set (no files, no network).
+
+    The VAE downsamples by 4 (64x64 images -> 16x16 latents), and the ControlNet's conditioning
+    embedding by 4 to match.
+    """
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(16, 32), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
+    )
+    controlnets = []
+    for i in range(num_controlnets):
+        torch.manual_seed(seed + 1 + i)
+        controlnets.append(ControlNetModel(
+            block_out_channels=(16, 32), layers_per_block=1, in_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), cross_attention_dim=32, attention_head_dim=4,
+            conditioning_embedding_out_channels=(8, 16, 16), norm_num_groups=8,
+        ))
+    torch.manual_seed(seed + 100)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16, 16), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, sample_size=64,
+    )
+    torch.manual_seed(seed + 200)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+        vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length,
+    ))
+    scheduler_class = _scheduler_class(scheduler)
+    scheduler_instance = scheduler_class(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                         num_train_timesteps=1000)
+    components = Components(unet, controlnets, vae, text_encoder, tokenizer, scheduler_instance)
+    for module in components.modules():
+        module.requires_grad_(False).eval()
+    return components

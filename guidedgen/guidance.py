@@ -1,0 +1,162 @@
+"""Informativeness objectives that steer generation (Kniesel et al., 2025).
+
+Each objective is called as ``objective(images [N, 3, H, W] in [0, 1], masks [N, H, W]) -> [N]``,
+differentiable w.r.t. ``images``; the sampler *increases* it. The per-pixel math is shared with
+``al.scores``, so a score means the same thing when ranking real pixels and when guiding.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from al.mc import sample_head
+from al.models import Segmenter
+from al.scores import bald, entropy, mean_std
+
+
+def _valid_mean(per_pixel: Tensor, masks: Tensor, ignore_index: int) -> Tensor:
+    """Mean over non-ignored pixels per image. ``[N, H, W] -> [N]``."""
+    valid = (masks != ignore_index).to(per_pixel.dtype)
+    return (per_pixel * valid).flatten(1).sum(1) / valid.flatten(1).sum(1).clamp_min(1.0)
+
+
+def last_layer_gradient_norm(inputs: Tensor, probs: Tensor, labels: Tensor, ignore_index: int = 255) -> Tensor:
+    """Norm of d CE / d (W, b) of a 1x1 classifier, per image, in closed form.
+
+    For ``logits = W x + b`` per pixel, ``dCE/dW = mean_pixels (p - y) x^T`` and
+    ``dCE/db = mean_pixels (p - y)``; differentiable w.r.t. ``inputs`` and ``probs``.
+
+    Shape: ``inputs [N, D, H, W], probs [N, C, H, W], labels [N, H, W] -> [N]``.
+    """
+    valid = labels != ignore_index
+    one_hot = F.one_hot(torch.where(valid, labels, 0).long(), probs.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
+    residual = (probs - one_hot) * valid[:, None].to(probs.dtype)  # [N, C, H, W]
+    count = valid.flatten(1).sum(1).clamp_min(1).to(probs.dtype)[:, None]
+    grad_weight = torch.einsum("nchw,ndhw->ncd", residual, inputs) / count[..., None]
+    grad_bias = residual.flatten(2).sum(2) / count
+    return (grad_weight.square().flatten(1).sum(1) + grad_bias.square().sum(1)).sqrt()
+
+
+class _SegmenterObjective(nn.Module):
+    """Holds the guiding segmenters (frozen, eval mode) and the ignore value of the masks."""
+
+    min_segmenters = 1
+
+    def __init__(self, segmenters: Sequence[Segmenter], ignore_index: int = 255):
+        super().__init__()
+        if len(segmenters) < self.min_segmenters:
+            raise ValueError(f"{type(self).__name__} needs at least {self.min_segmenters} segmenters, got {len(segmenters)}")
+        self.segmenters = nn.ModuleList(segmenters)
+        self.ignore_index = ignore_index
+        for segmenter in self.segmenters:
+            segmenter.eval().requires_grad_(False)
+
+    def member_probs(self, images: Tensor) -> Tensor:
+        """Softmax of every segmenter stacked as the K axis: ``[K, N, C, H, W]``."""
+        return torch.stack([segmenter(images).softmax(1) for segmenter in self.segmenters])
+
+
+class PredictiveEntropy(_SegmenterObjective):
+    """Mean per-pixel entropy of the (committee-averaged) prediction."""
+
+    def forward(self, images: Tensor, masks: Tensor) -> Tensor:
+        return _valid_mean(entropy(self.member_probs(images)), masks, self.ignore_index)
+
+
+class CommitteeDisagreement(_SegmenterObjective):
+    """Disagreement of >= 2 segmenters (seeds, epoch snapshots, or pixel-MLP ensemble members).
+
+    ``kind="kl"``: mean KL of each member to the consensus (= BALD over members).
+    ``kind="vote_entropy"``: entropy of the averaged soft votes (hard votes have no gradient).
+    """
+
+    min_segmenters = 2
+
+    def __init__(self, segmenters: Sequence[Segmenter], ignore_index: int = 255, kind: str = "kl"):
+        super().__init__(segmenters, ignore_index)
+        if kind not in ("kl", "vote_entropy"):
+            raise ValueError(f"committee kind {kind!r}; choose 'kl' or 'vote_entropy'")
+        self.kind = kind
+
+    def forward(self, images: Tensor, masks: Tensor) -> Tensor:
+        per_pixel = (bald if self.kind == "kl" else entropy)(self.member_probs(images))
+        return _valid_mean(per_pixel, masks, self.ignore_index)
+
+
+class ExpectedModelChange(_SegmenterObjective):
+    """Norm of the segmenter's last-layer gradient of CE (averaged over the committee).
+
+    ``labels="mask"``: the conditioning mask is the label (the synthetic sample's mask is known).
+    ``labels="sampled"``: classic expected gradient length, averaged over ``num_label_samples``
+    label maps drawn from the model's own prediction.
+    """
+
+    def __init__(self, segmenters: Sequence[Segmenter], ignore_index: int = 255, labels: str = "mask",
+                 num_label_samples: int = 4, generator: Optional[torch.Generator] = None):
+        super().__init__(segmenters, ignore_index)
+        if labels not in ("mask", "sampled"):
+            raise ValueError(f"expected_model_change labels {labels!r}; choose 'mask' or 'sampled'")
+        self.labels, self.num_label_samples, self.generator = labels, num_label_samples, generator
+
+    def forward(self, images: Tensor, masks: Tensor) -> Tensor:
+        norms = []
+        for segmenter in self.segmenters:
+            features = segmenter.features(images)
+            inputs = segmenter.classifier_inputs(features)
+            probs = segmenter.classify(features).softmax(1)
+            if self.labels == "mask":
+                norms.append(last_layer_gradient_norm(inputs, probs, masks, self.ignore_index))
+                continue
+            flat = probs.detach().permute(0, 2, 3, 1).reshape(-1, probs.shape[1])
+            for _ in range(self.num_label_samples):
+                drawn = torch.multinomial(flat, 1, generator=self.generator).view(masks.shape)
+                drawn = torch.where(masks == self.ignore_index, self.ignore_index, drawn)
+                norms.append(last_layer_gradient_norm(inputs, probs, drawn, self.ignore_index) / self.num_label_samples)
+        return torch.stack(norms).sum(0) / len(self.segmenters)
+
+
+class MCDropoutStd(_SegmenterObjective):
+    """Ablation: mean per-pixel std of last-layer MC-dropout samples (found too noisy to guide)."""
+
+    def __init__(self, segmenters: Sequence[Segmenter], ignore_index: int = 255, k: int = 8,
+                 generator: Optional[torch.Generator] = None):
+        super().__init__(segmenters, ignore_index)
+        self.k, self.generator = k, generator
+
+    def forward(self, images: Tensor, masks: Tensor) -> Tensor:
+        segmenter = self.segmenters[0]
+        samples = sample_head(segmenter, segmenter.features(images), self.k, self.generator)
+        return _valid_mean(mean_std(samples), masks, self.ignore_index)
+
+
+class CrossEntropyToMask(_SegmenterObjective):
+    """Ablation: CE of the prediction against the conditioning mask (ill-posed: raising it can
+    push the image towards other classes)."""
+
+    def forward(self, images: Tensor, masks: Tensor) -> Tensor:
+        logits = torch.stack([segmenter(images) for segmenter in self.segmenters]).mean(0)
+        per_pixel = F.cross_entropy(logits, torch.where(masks == self.ignore_index, 0, masks).long(), reduction="none")
+        return _valid_mean(per_pixel, masks, self.ignore_index)
+
+
+ObjectiveFactory = Callable[..., nn.Module]
+
+# Config name -> objective class; each is built as cls(segmenters, ignore_index, **options).
+OBJECTIVES: dict[str, ObjectiveFactory] = {
+    "entropy": PredictiveEntropy,
+    "committee": CommitteeDisagreement,
+    "expected_model_change": ExpectedModelChange,
+    "mc_dropout_std": MCDropoutStd,
+    "cross_entropy": CrossEntropyToMask,
+}
+
+
+def build_objective(name: str, segmenters: Sequence[Segmenter], ignore_index: int = 255, **options) -> nn.Module:
+    """Build a registered objective; an unknown name lists the valid ones."""
+    if name not in OBJECTIVES:
+        raise KeyError(f"unknown guidance objective {name!r}; choose one of {sorted(OBJECTIVES)}")
+    return OBJECTIVES[name](segmenters, ignore_index, **options)

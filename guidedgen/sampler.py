@@ -1,0 +1,239 @@
+"""GuidedControlNetSampler: ControlNet denoising with x0-estimate guidance by a segmenter.
+
+At each guided step t (SPEC section 4):
+1. predict the noise with UNet + ControlNet(s) (with classifier-free guidance);
+2. form the one-step estimate ``z0_hat`` from the model output and ``alphas_cumprod``;
+3. decode it with the VAE and evaluate the informativeness objective against the mask;
+4. move ``z_t`` along the normalised gradient of the objective (ascent); then the ordinary
+   scheduler step, reusing the noise prediction of step 1 (one UNet forward per step).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from guidedgen.components import Components
+from guidedgen.palette import DEFAULT_NEGATIVE_PROMPT, Palette
+from guidedgen.schedule import GuidanceSchedule
+
+GRADIENT_PATHS = ("through_unet", "x0_shortcut")
+Objective = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass
+class SampleTrace:
+    """What guidance did to one sample."""
+
+    steps: list[int] = field(default_factory=list)  # guided step indices
+    objective: list[float] = field(default_factory=list)  # objective value at each guided step
+    gradient_norm: list[float] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {
+            "guided_steps": len(self.steps),
+            "objective_first": self.objective[0] if self.objective else None,
+            "objective_last": self.objective[-1] if self.objective else None,
+            "gradient_norm_mean": sum(self.gradient_norm) / len(self.gradient_norm) if self.gradient_norm else None,
+            "warnings": self.warnings,
+        }
+
+
+@dataclass
+class SamplerOutput:
+    images: Tensor  # [N, 3, H, W] in [0, 1]
+    latents: Tensor  # [N, 4, h, w] final latents
+    traces: list[SampleTrace]
+
+
+def predicted_x0(model_output: Tensor, model_input: Tensor, alpha_bar: Tensor, prediction_type: str) -> Tensor:
+    """One-step clean-latent estimate from the (VP-scaled) model input.
+
+    See formula (12) of the DDIM paper: ``x0 = (x_t - sqrt(1 - a) eps) / sqrt(a)``; for
+    v-prediction ``x0 = sqrt(a) x_t - sqrt(1 - a) v``; for sample prediction the output itself.
+    """
+    if prediction_type == "epsilon":
+        return (model_input - (1 - alpha_bar).sqrt() * model_output) / alpha_bar.sqrt()
+    if prediction_type == "v_prediction":
+        return alpha_bar.sqrt() * model_input - (1 - alpha_bar).sqrt() * model_output
+    if prediction_type == "sample":
+        return model_output
+    raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+
+
+class GuidedControlNetSampler:
+    """Call with ``(masks, prompts, seeds)``; returns images and a per-sample trace.
+
+    Strength 0 or no objective gives exactly the unguided ControlNet sampling for the same seeds.
+    """
+
+    def __init__(
+        self,
+        components: Components,
+        palette: Palette,
+        objective: Optional[Objective] = None,
+        schedule: GuidanceSchedule = GuidanceSchedule(),
+        gradient_path: str = "through_unet",
+        num_inference_steps: int = 20,
+        guidance_scale: float = 7.5,
+        controlnet_conditioning_scale: Sequence[float] = (1.0,),
+        negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
+        vae_gradient_checkpointing: bool = False,
+        vae_slicing: bool = False,
+        progress: bool = False,
+    ):
+        if gradient_path not in GRADIENT_PATHS:
+            raise ValueError(f"gradient_path={gradient_path!r}; choose one of {GRADIENT_PATHS}")
+        if len(controlnet_conditioning_scale) != len(components.controlnets):
+            raise ValueError(f"{len(controlnet_conditioning_scale)} conditioning scales for "
+                             f"{len(components.controlnets)} ControlNets")
+        self.components, self.palette, self.objective, self.schedule = components, palette, objective, schedule
+        self.gradient_path, self.num_inference_steps = gradient_path, num_inference_steps
+        self.guidance_scale, self.conditioning_scales = guidance_scale, list(controlnet_conditioning_scale)
+        self.negative_prompt, self.progress = negative_prompt, progress
+        vae = components.vae
+        if vae_gradient_checkpointing:
+            vae.enable_gradient_checkpointing()
+        if vae_slicing:
+            vae.enable_slicing()
+        self.vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+
+    @property
+    def device(self) -> torch.device:
+        return self.components.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.components.unet.dtype
+
+    # -- pieces --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
+        """``[2N, L, D]`` (negative first) with CFG, else ``[N, L, D]``."""
+        texts = ([self.negative_prompt] * len(prompts) if self.do_cfg else []) + list(prompts)
+        tokenizer = self.components.tokenizer
+        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(self.device)
+        return self.components.text_encoder(ids)[0].to(self.dtype)
+
+    @property
+    def do_cfg(self) -> bool:
+        return self.guidance_scale > 1.0
+
+    def predict_noise(self, latents: Tensor, t: Tensor, embeddings: Tensor, controls: list[Tensor]) -> Tensor:
+        """UNet + ControlNet(s) with classifier-free guidance; model output for ``latents``."""
+        scheduler = self.components.scheduler
+        model_input = torch.cat([latents] * 2) if self.do_cfg else latents
+        model_input = scheduler.scale_model_input(model_input, t)
+        down, mid = None, None
+        for controlnet, control, scale in zip(self.components.controlnets, controls, self.conditioning_scales):
+            d, m = controlnet(model_input, t, encoder_hidden_states=embeddings, controlnet_cond=control,
+                              conditioning_scale=scale, return_dict=False)
+            down = d if down is None else [a + b for a, b in zip(down, d)]
+            mid = m if mid is None else mid + m
+        output = self.components.unet(model_input, t, encoder_hidden_states=embeddings,
+                                      down_block_additional_residuals=down, mid_block_additional_residual=mid,
+                                      return_dict=False)[0]
+        if self.do_cfg:
+            uncond, cond = output.chunk(2)
+            output = uncond + self.guidance_scale * (cond - uncond)
+        return output
+
+    def x0_estimate(self, latents: Tensor, model_output: Tensor, t: Tensor) -> Tensor:
+        scheduler = self.components.scheduler
+        alpha_bar = scheduler.alphas_cumprod.to(latents.device)[int(t)].to(latents.dtype)
+        model_input = scheduler.scale_model_input(latents, t)  # VP form, also for sigma-space schedulers
+        return predicted_x0(model_output, model_input, alpha_bar, scheduler.config.prediction_type)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents -> images in [0, 1]."""
+        vae = self.components.vae
+        images = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    def _check(self, masks: Tensor, prompts: Sequence[str], seeds: Sequence[int]) -> None:
+        if masks.ndim != 3:
+            raise ValueError(f"masks must be [N, H, W] class ids, got shape {tuple(masks.shape)}")
+        if masks.dtype.is_floating_point:
+            raise ValueError(f"masks must hold integer class ids, got dtype {masks.dtype}")
+        if not (len(prompts) == len(seeds) == masks.shape[0]):
+            raise ValueError(f"{masks.shape[0]} masks, {len(prompts)} prompts, {len(seeds)} seeds: counts must match")
+        multiple = self.vae_factor * 2 ** (len(self.components.unet.config.block_out_channels) - 1)
+        if masks.shape[1] % multiple or masks.shape[2] % multiple:
+            raise ValueError(f"mask size {tuple(masks.shape[1:])} must be divisible by {multiple} for these components")
+
+    def _guidance_gradient(self, latents, t, embeddings, controls, masks):
+        """(model output, gradient w.r.t. latents, objective values) at one guided step."""
+        if self.gradient_path == "through_unet":
+            with torch.enable_grad():
+                z = latents.detach().requires_grad_(True)
+                output = self.predict_noise(z, t, embeddings, controls)
+                value = self.objective(self.decode(self.x0_estimate(z, output, t)), masks)
+                (gradient,) = torch.autograd.grad(value.sum(), z)
+            return output.detach(), gradient, value.detach()
+        with torch.no_grad():
+            output = self.predict_noise(latents, t, embeddings, controls)
+            x0 = self.x0_estimate(latents, output, t)
+        with torch.enable_grad():
+            x0 = x0.detach().requires_grad_(True)
+            value = self.objective(self.decode(x0), masks)
+            (gradient,) = torch.autograd.grad(value.sum(), x0)
+        return output, gradient, value.detach()
+
+    # -- the loop ------------------------------------------------------------------------------
+    def __call__(self, masks: Tensor, prompts: Sequence[str], seeds: Sequence[int],
+                 extra_controls: Sequence[Tensor] = ()) -> SamplerOutput:
+        # 1. Check inputs
+        self._check(masks, prompts, seeds)
+        if len(extra_controls) != len(self.components.controlnets) - 1:
+            raise ValueError(f"{len(self.components.controlnets)} ControlNets need {len(self.components.controlnets) - 1} "
+                             f"extra control images besides the mask, got {len(extra_controls)}")
+        masks = masks.to(self.device)
+        n, height, width = masks.shape
+        # 2. Encode prompts
+        embeddings = self.encode_prompts(prompts)
+        # 3. Control images: the palette mask first, then any extra controls
+        controls = [self.palette.colourise(masks), *[c.to(self.device) for c in extra_controls]]
+        controls = [c.to(self.dtype) for c in controls]
+        if self.do_cfg:
+            controls = [torch.cat([c] * 2) for c in controls]
+        # 4. Initial latents: one generator per sample, so a sample does not depend on its batch
+        scheduler = self.components.scheduler
+        scheduler.set_timesteps(self.num_inference_steps, device=self.device)
+        shape = (4, height // self.vae_factor, width // self.vae_factor)
+        latents = torch.stack([
+            torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(seed)), dtype=torch.float32)
+            for seed in seeds
+        ]).to(self.device, self.dtype) * scheduler.init_noise_sigma
+        traces = [SampleTrace() for _ in range(n)]
+        guided = self.objective is not None and self.schedule.strength > 0
+        # 5. Denoising loop
+        timesteps = scheduler.timesteps
+        for i, t in enumerate(tqdm(timesteps, desc="denoise", disable=not self.progress, leave=False)):
+            if guided and self.schedule.is_guided(i, len(timesteps)):
+                output, gradient, value = self._guidance_gradient(latents, t, embeddings, controls, masks)
+                finite = torch.isfinite(gradient.flatten(1)).all(1)
+                update = self.schedule.update(torch.where(finite.view(-1, 1, 1, 1), gradient, 0), i, len(timesteps))
+                latents = latents + update.to(latents.dtype) * finite.view(-1, 1, 1, 1)
+                for j, trace in enumerate(traces):
+                    trace.steps.append(i)
+                    trace.objective.append(float(value[j]))
+                    trace.gradient_norm.append(float(gradient[j].norm()) if finite[j] else float("nan"))
+                    if not finite[j]:
+                        message = f"step {i}: non-finite gradient, update skipped"
+                        trace.warnings.append(message)
+                        warnings.warn(f"sample {j}: {message}")
+            else:
+                with torch.no_grad():
+                    output = self.predict_noise(latents, t, embeddings, controls)
+            latents = scheduler.step(output, t, latents, return_dict=False)[0]
+        # 6. Decode
+        with torch.no_grad():
+            images = self.decode(latents)
+        return SamplerOutput(images=images, latents=latents, traces=traces)

@@ -1,0 +1,64 @@
+"""Which denoising steps are guided, how strongly, and how the gradient is normalised."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+NORMALISATIONS = ("rms", "none")
+
+
+@dataclass
+class GuidanceSchedule:
+    """Guide steps with index in ``[start * T, end * T)`` and every ``every``-th step of them.
+
+    ``strength`` scales the normalised step on the latent: with ``normalize="rms"`` the update
+    has root-mean-square ``strength`` per element, whatever the objective's scale.
+    ``decay="linear"`` ramps the strength down to 0 at ``end``.
+    """
+
+    strength: float = 0.0
+    start: float = 0.0
+    end: float = 0.8
+    every: int = 1
+    normalize: str = "rms"
+    clip: Optional[float] = None  # max |element| of the update, after normalisation and strength
+    decay: str = "constant"
+
+    def __post_init__(self):
+        if not 0.0 <= self.start <= self.end <= 1.0:
+            raise ValueError(f"guidance window must satisfy 0 <= start <= end <= 1, got [{self.start}, {self.end})")
+        if self.every < 1:
+            raise ValueError(f"guidance every={self.every}; must be >= 1")
+        if self.normalize not in NORMALISATIONS:
+            raise ValueError(f"guidance normalize={self.normalize!r}; choose one of {NORMALISATIONS}")
+        if self.decay not in ("constant", "linear"):
+            raise ValueError(f"guidance decay={self.decay!r}; choose 'constant' or 'linear'")
+        if self.strength < 0:
+            raise ValueError(f"guidance strength={self.strength}; must be >= 0 (0 = unguided)")
+
+    def _window(self, num_steps: int) -> tuple[int, int]:
+        return round(self.start * num_steps), round(self.end * num_steps)
+
+    def is_guided(self, step: int, num_steps: int) -> bool:
+        first, stop = self._window(num_steps)
+        return self.strength > 0 and first <= step < stop and (step - first) % self.every == 0
+
+    def strength_at(self, step: int, num_steps: int) -> float:
+        if self.decay == "constant":
+            return self.strength
+        first, stop = self._window(num_steps)
+        return self.strength * (stop - step) / max(1, stop - first)
+
+    def update(self, gradient: Tensor, step: int, num_steps: int) -> Tensor:
+        """The latent update for a raw gradient ``[N, ...]`` (per-sample normalisation)."""
+        if self.normalize == "rms":
+            rms = gradient.flatten(1).square().mean(1).sqrt().clamp_min(1e-12)
+            gradient = gradient / rms.view(-1, *([1] * (gradient.ndim - 1)))
+        update = self.strength_at(step, num_steps) * gradient
+        if self.clip is not None:
+            update = update.clamp(-self.clip, self.clip)
+        return update
