@@ -91,6 +91,21 @@ class Palette:
         return table[index].permute(0, 3, 1, 2).float().div(255.0).to(masks.device)
 
 
+def distinct_ade20k_colours(count: int) -> np.ndarray:
+    """``count`` ADE20K colours picked greedily to be far apart (starting from ADE20K's first),
+    for classes with no ADE20K counterpart. ``[count, 3]`` uint8."""
+    if count > len(ADE20K_PALETTE):
+        raise ValueError(f"{count} classes but the ADE20K palette has {len(ADE20K_PALETTE)} colours; give colours")
+    rgb = ADE20K_PALETTE.astype(np.float64)
+    chosen = [0]
+    nearest = np.sqrt(((rgb - rgb[0]) ** 2).sum(1))
+    while len(chosen) < count:
+        pick = int(nearest.argmax())
+        chosen.append(pick)
+        nearest = np.minimum(nearest, np.sqrt(((rgb - rgb[pick]) ** 2).sum(1)))
+    return ADE20K_PALETTE[chosen]
+
+
 def closest_pairs(colours: np.ndarray, threshold: float = MIN_COLOUR_DISTANCE) -> list[tuple[int, int, float]]:
     """Pairs of class ids whose colours are closer than ``threshold``."""
     rgb = colours.astype(np.float64)

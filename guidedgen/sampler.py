@@ -219,7 +219,9 @@ class GuidedControlNetSampler:
             if guided and self.schedule.is_guided(i, len(timesteps)):
                 output, gradient, value = self._guidance_gradient(latents, t, embeddings, controls, masks)
                 finite = torch.isfinite(gradient.flatten(1)).all(1)
-                update = self.schedule.update(torch.where(finite.view(-1, 1, 1, 1), gradient, 0), i, len(timesteps))
+                noise_level = float((1 - scheduler.alphas_cumprod[int(t)]).sqrt())
+                update = self.schedule.update(torch.where(finite.view(-1, 1, 1, 1), gradient, 0), i, len(timesteps),
+                                              noise_level)
                 latents = latents + update.to(latents.dtype) * finite.view(-1, 1, 1, 1)
                 for j, trace in enumerate(traces):
                     trace.steps.append(i)

@@ -16,7 +16,9 @@ class GuidanceSchedule:
     """Guide steps with index in ``[start * T, end * T)`` and every ``every``-th step of them.
 
     ``strength`` scales the normalised step on the latent: with ``normalize="rms"`` the update
-    has root-mean-square ``strength`` per element, whatever the objective's scale.
+    has root-mean-square ``strength * sqrt(1 - alpha_bar_t)`` per element, whatever the
+    objective's scale; the noise-level factor keeps late steps, where little noise is left to
+    hide a change, from overshooting.
     ``decay="linear"`` ramps the strength down to 0 at ``end``.
     """
 
@@ -53,11 +55,12 @@ class GuidanceSchedule:
         first, stop = self._window(num_steps)
         return self.strength * (stop - step) / max(1, stop - first)
 
-    def update(self, gradient: Tensor, step: int, num_steps: int) -> Tensor:
-        """The latent update for a raw gradient ``[N, ...]`` (per-sample normalisation)."""
+    def update(self, gradient: Tensor, step: int, num_steps: int, noise_level: float = 1.0) -> Tensor:
+        """The latent update for a raw gradient ``[N, ...]`` (per-sample normalisation);
+        ``noise_level`` is ``sqrt(1 - alpha_bar_t)`` of the step."""
         if self.normalize == "rms":
             rms = gradient.flatten(1).square().mean(1).sqrt().clamp_min(1e-12)
-            gradient = gradient / rms.view(-1, *([1] * (gradient.ndim - 1)))
+            gradient = gradient / rms.view(-1, *([1] * (gradient.ndim - 1))) * noise_level
         update = self.strength_at(step, num_steps) * gradient
         if self.clip is not None:
             update = update.clamp(-self.clip, self.clip)

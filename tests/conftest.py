@@ -51,3 +51,26 @@ def random_dataset(n=3, size=32, classes=("a", "b", "c"), seed=0) -> ArrayDatase
     images = rng.integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
     masks = rng.integers(0, len(classes), size=(n, size, size), dtype=np.uint8)
     return ArrayDataset(images, masks, list(classes), [f"img{i}" for i in range(n)])
+
+
+@pytest.fixture(scope="session")
+def digit_masks_32():
+    """Four DigitScenes masks at 32x32 (int64 [4, 32, 32]) and their dataset."""
+    dataset = digit_scenes(DigitScenesConfig(num_images=4, size=32, min_digit_size=14, max_digit_size=20, seed=5))
+    return torch.from_numpy(dataset.masks.astype(np.int64)), dataset
+
+
+@pytest.fixture(scope="session")
+def guiding_segmenters(tiny_digits):
+    """Two small segmenters trained briefly (different seeds) on 32x32 DigitScenes, so their
+    uncertainty varies over an image instead of sitting at ln(C)."""
+    from al.train import DenseTargetDataset, train_segmenter
+
+    train, _ = tiny_digits
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = tiny_model_config().build(11)
+        train_segmenter(model, DenseTargetDataset(train), TrainConfig(epochs=6, batch_size=2, lr=3e-3, seed=seed), progress=False)
+        models.append(model.eval())
+    return models

@@ -93,7 +93,7 @@ def load_folder(root: Union[str, os.PathLike]) -> FileDataset:
         raise DatasetError(f"{info_path}: not valid ({error!r}); it needs 'classes' (list of names)") from None
     records = read_metadata(root)
     if records:
-        ids = [r["id"] for r in records]
+        ids = [r["id"] for r in records if not r.get("dropped")]
     else:
         ids = sorted(p.stem for p in (root / "masks").glob("*.png"))
     pairs = [(i, root / "images" / f"{i}.png", root / "masks" / f"{i}.png") for i in ids]
@@ -132,6 +132,22 @@ class DatasetWriter:
     def done_ids(self) -> set[str]:
         return set(self._done)
 
+    def _append_metadata(self, record: dict) -> None:
+        # One O_APPEND write of a whole line: concurrent writers never interleave within a line.
+        fd = os.open(self.root / METADATA_JSONL, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (json.dumps(record) + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._done.add(record["id"])
+
+    def record_dropped(self, sample_id: str, reason: str, metadata: Optional[dict] = None) -> None:
+        """Mark a sample as finished without files (e.g. a degenerate image): a resumed run
+        does not retry it and readers skip it."""
+        if sample_id not in self._done:
+            self._append_metadata({"id": sample_id, "dropped": reason, **(metadata or {})})
+
     def write(self, sample_id: str, image: np.ndarray, mask: np.ndarray, ignore: Optional[np.ndarray] = None, metadata: Optional[dict] = None) -> None:
         """``image`` uint8 [H, W, 3], ``mask`` [H, W] class ids, ``ignore`` bool [H, W] or None."""
         if sample_id in self._done:
@@ -146,11 +162,4 @@ class DatasetWriter:
             (self.root / "ignore").mkdir(exist_ok=True)
             record["ignore"] = f"ignore/{sample_id}.png"
             atomic_save_png(ignore.astype(np.uint8) * 255, self.root / record["ignore"])
-        # One O_APPEND write of a whole line: concurrent writers never interleave within a line.
-        fd = os.open(self.root / METADATA_JSONL, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, (json.dumps(record) + "\n").encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        self._done.add(sample_id)
+        self._append_metadata(record)

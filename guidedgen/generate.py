@@ -1,0 +1,238 @@
+"""The main job: masks -> guided synthetic image/mask pairs written as a dataset.
+
+Runs under ``accelerate launch`` with any number of processes: indices are split without padding,
+each process writes only its own finished samples, and a re-run resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import diffusers
+import numpy as np
+import torch
+from accelerate import PartialState
+from tqdm.auto import tqdm
+
+from al.config import require
+from al.data.base import SegmentationDataset
+from al.data.folder import load_folder, read_metadata
+from al.experiment import DATA_KINDS, DataConfig
+from al.models import Segmenter
+from al.scores import entropy
+from guidedgen.components import SCHEDULERS, TORCH_DTYPES, Components, ComponentsConfig, load_components, tiny_components
+from guidedgen.guidance import OBJECTIVES, build_objective
+from guidedgen.palette import (DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT_TEMPLATE, Palette, distinct_ade20k_colours,
+                               prompt_for)
+from guidedgen.quality import assess
+from guidedgen.sampler import GRADIENT_PATHS, GuidedControlNetSampler
+from guidedgen.schedule import NORMALISATIONS, GuidanceSchedule
+from guidedgen.sheet import contact_sheet
+from guidedgen.writer import GenerationWriter, sample_seed, shard
+
+
+@dataclass
+class GuidanceConfig:
+    objective: Optional[str] = "entropy"
+    strength: float = 0.0  # 0 = unguided
+    start: float = 0.0
+    end: float = 0.8
+    every: int = 1
+    normalize: str = "rms"
+    clip: Optional[float] = None
+    decay: str = "constant"
+    gradient_path: str = "through_unet"
+    segmenters: list[str] = field(default_factory=list)  # Segmenter.save_pretrained folders
+    committee_kind: str = "kl"
+    emc_labels: str = "mask"
+    mc_samples: int = 8
+
+    def schedule(self) -> GuidanceSchedule:
+        return GuidanceSchedule(self.strength, self.start, self.end, self.every, self.normalize, self.clip, self.decay)
+
+    def objective_options(self) -> dict:
+        return {"committee": {"kind": self.committee_kind}, "expected_model_change": {"labels": self.emc_labels},
+                "mc_dropout_std": {"k": self.mc_samples}}.get(self.objective, {})
+
+
+@dataclass
+class PaletteConfig:
+    ade20k_mapping: Optional[dict[str, str]] = None  # class name -> ADE20K class name
+    colours: Optional[list[list[int]]] = None  # custom RGB per class
+    # neither: C far-apart ADE20K colours (guidedgen.palette.distinct_ade20k_colours)
+
+
+@dataclass
+class GenerateConfig:
+    output_dir: str = "outputs/generated"
+    num_samples: int = 8
+    seed: int = 0
+    batch_size: int = 4
+    num_inference_steps: int = 20
+    guidance_scale: float = 7.5
+    controlnet_conditioning_scale: list[float] = field(default_factory=lambda: [1.0])
+    overwrite: bool = False
+    tiny_components: bool = False  # random tiny SD + ControlNet built in code (tests, CPU demo)
+    tiny_seed: int = 0
+    components: ComponentsConfig = field(default_factory=ComponentsConfig)
+    masks: DataConfig = field(default_factory=DataConfig)
+    masks_split: str = "train"
+    palette: PaletteConfig = field(default_factory=PaletteConfig)
+    prompt_template: str = DEFAULT_PROMPT_TEMPLATE
+    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    quality_segmenter: Optional[str] = None  # default: the first guidance segmenter
+    ignore_disagreement: bool = False  # write ignore maps where the segmenter disagrees with the mask
+    drop_degenerate: bool = True
+    min_image_std: float = 0.02
+    vae_gradient_checkpointing: bool = False
+    vae_slicing: bool = False
+    contact_sheet_samples: int = 4
+    progress: bool = True
+
+    def validate(self) -> None:
+        require(self.num_samples >= 1, "num_samples", self.num_samples, "an integer >= 1")
+        require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        require(self.num_inference_steps >= 1, "num_inference_steps", self.num_inference_steps, "an integer >= 1")
+        require(self.guidance.objective is None or self.guidance.objective in OBJECTIVES, "guidance.objective",
+                self.guidance.objective, f"null or one of {sorted(OBJECTIVES)}")
+        require(self.guidance.strength >= 0, "guidance.strength", self.guidance.strength, "a number >= 0 (0 = unguided)")
+        require(self.guidance.gradient_path in GRADIENT_PATHS, "guidance.gradient_path", self.guidance.gradient_path,
+                f"one of {GRADIENT_PATHS}")
+        require(self.guidance.normalize in NORMALISATIONS, "guidance.normalize", self.guidance.normalize, f"one of {NORMALISATIONS}")
+        require(self.guidance.strength == 0 or self.guidance.objective is None or len(self.guidance.segmenters) > 0,
+                "guidance.segmenters", self.guidance.segmenters, "at least one segmenter folder when strength > 0")
+        for path in self.guidance.segmenters + ([self.quality_segmenter] if self.quality_segmenter else []):
+            require(Path(path, "config.json").is_file(), "guidance.segmenters", path, "a folder written by Segmenter.save_pretrained")
+        require(self.components.scheduler in SCHEDULERS, "components.scheduler", self.components.scheduler, f"one of {sorted(SCHEDULERS)}")
+        require(self.components.mixed_precision in TORCH_DTYPES, "components.mixed_precision",
+                self.components.mixed_precision, f"one of {sorted(TORCH_DTYPES)}")
+        require(self.masks.kind in DATA_KINDS, "masks.kind", self.masks.kind, f"one of {list(DATA_KINDS)}")
+
+    def defining_config(self) -> dict:
+        """What defines the samples: everything but where they go, how many, and how fast."""
+        values = dataclasses.asdict(self)
+        for key in ("output_dir", "num_samples", "overwrite", "batch_size", "progress", "contact_sheet_samples",
+                    "vae_gradient_checkpointing", "vae_slicing"):
+            values.pop(key)
+        return values
+
+
+def build_palette(config: PaletteConfig, classes: list[str], ignore_index: int) -> Palette:
+    if config.colours is not None:
+        return Palette(tuple(classes), np.array(config.colours, dtype=np.uint8), ignore_index)
+    if config.ade20k_mapping is not None:
+        return Palette.from_ade20k(classes, config.ade20k_mapping, ignore_index)
+    return Palette(tuple(classes), distinct_ade20k_colours(len(classes)), ignore_index)
+
+
+def build_components(config: GenerateConfig, device: torch.device) -> Components:
+    if config.tiny_components:
+        components = tiny_components(config.tiny_seed, scheduler=config.components.scheduler)
+    else:
+        components = load_components(config.components)
+    dtype = TORCH_DTYPES[config.components.mixed_precision]
+    return components.to(device, None if dtype == torch.float32 else dtype)
+
+
+def build_sampler(config: GenerateConfig, components: Components, palette: Palette, segmenters: list[Segmenter],
+                  ignore_index: int, strength: Optional[float] = None) -> GuidedControlNetSampler:
+    guidance = config.guidance
+    schedule = guidance.schedule()
+    if strength is not None:
+        schedule = dataclasses.replace(schedule, strength=strength)
+    objective = None
+    if guidance.objective is not None and segmenters:
+        objective = build_objective(guidance.objective, segmenters, ignore_index, **guidance.objective_options())
+    return GuidedControlNetSampler(
+        components, palette, objective, schedule, guidance.gradient_path, config.num_inference_steps,
+        config.guidance_scale, config.controlnet_conditioning_scale, config.negative_prompt,
+        config.vae_gradient_checkpointing, config.vae_slicing,
+    )
+
+
+def _model_names(config: GenerateConfig) -> dict:
+    if config.tiny_components:
+        return {"components": f"tiny_components(seed={config.tiny_seed})"}
+    return {"pretrained_model_name_or_path": config.components.pretrained_model_name_or_path,
+            "controlnet_model_name_or_path": config.components.controlnet_model_name_or_path,
+            "revision": config.components.revision}
+
+
+def run_generation(config: GenerateConfig, state: Optional[PartialState] = None) -> Path:
+    """Generate (or resume) ``config.num_samples`` samples into ``config.output_dir``."""
+    config.validate()
+    state = state or PartialState(cpu=not torch.cuda.is_available())
+    device = state.device
+    masks_dataset: SegmentationDataset = config.masks.build(config.masks_split)
+    classes, ignore_index = list(masks_dataset.classes), masks_dataset.ignore_index
+    palette = build_palette(config.palette, classes, ignore_index)
+    versions = {"torch": torch.__version__, "diffusers": diffusers.__version__}
+    with state.main_process_first():  # only the main process may clear an overwritten folder
+        writer = GenerationWriter(config.output_dir, classes, palette.colours.tolist(), config.defining_config(),
+                                  ignore_index, overwrite=config.overwrite and state.is_main_process, versions=versions)
+    mine = writer.pending(shard(range(config.num_samples), state.process_index, state.num_processes))
+    segmenters = [Segmenter.from_pretrained(p).to(device) for p in config.guidance.segmenters]
+    quality_path = config.quality_segmenter or (config.guidance.segmenters[0] if config.guidance.segmenters else None)
+    quality_model = Segmenter.from_pretrained(quality_path).to(device) if quality_path else None
+    sampler = build_sampler(config, build_components(config, device), palette, segmenters, ignore_index)
+    batches = [mine[i:i + config.batch_size] for i in range(0, len(mine), config.batch_size)]
+    for batch in tqdm(batches, desc=f"generate (process {state.process_index})", disable=not config.progress):
+        masks = torch.stack([masks_dataset[i % len(masks_dataset)].mask for i in batch])
+        prompts = [prompt_for(m, classes, config.prompt_template) for m in masks]
+        seeds = [sample_seed(config.seed, i) for i in batch]
+        output = sampler(masks.to(device), prompts, seeds)
+        images = output.images
+        if quality_model is not None:
+            qualities, disagree = assess(quality_model, images, masks.to(device), ignore_index, config.min_image_std)
+        else:
+            qualities, disagree = [None] * len(batch), None
+        for j, index in enumerate(batch):
+            quality = qualities[j]
+            metadata = {
+                "source_id": masks_dataset.ids[index % len(masks_dataset)], "prompt": prompts[j], "seed": seeds[j],
+                "models": _model_names(config), "objective": config.guidance.objective,
+                "strength": config.guidance.strength, "trace": output.traces[j].summary(),
+                "quality": dataclasses.asdict(quality) if quality else None,
+            }
+            image = (images[j].permute(1, 2, 0).float().cpu().numpy() * 255 + 0.5).astype(np.uint8)
+            if config.drop_degenerate and float(images[j].float().std()) < config.min_image_std:
+                writer.drop(index, "degenerate", metadata)
+                continue
+            ignore = disagree[j].cpu().numpy() if (config.ignore_disagreement and disagree is not None) else None
+            writer.write(index, image, masks[j].numpy().astype(np.uint8), ignore, metadata)
+    state.wait_for_everyone()
+    return Path(config.output_dir)
+
+
+def write_contact_sheet(config: GenerateConfig, path: Path) -> Optional[Path]:
+    """Contact sheet of the first finished samples: their control image, the unguided sample of
+    the same seed, the guided sample as written, and the guiding segmenter's entropy on it."""
+    dataset = load_folder(config.output_dir)
+    count = min(config.contact_sheet_samples, len(dataset))
+    if count == 0 or not config.guidance.segmenters:
+        return None
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    samples = [dataset[i] for i in range(count)]
+    records = {r["id"]: r for r in read_metadata(Path(config.output_dir))}
+    masks = torch.stack([s.mask for s in samples]).to(device)
+    classes = list(dataset.classes)
+    palette = build_palette(config.palette, classes, dataset.ignore_index)
+    segmenter = Segmenter.from_pretrained(config.guidance.segmenters[0]).to(device)
+    unguided = build_sampler(config, build_components(config, device), palette, [], dataset.ignore_index, strength=0.0)
+    seeds = [records[s.id]["seed"] for s in samples]
+    prompts = [records[s.id]["prompt"] for s in samples]
+    plain = unguided(masks, prompts, seeds).images
+    guided = torch.stack([s.image for s in samples]).to(device)
+    with torch.no_grad():
+        uncertainty = entropy(segmenter(guided).softmax(1)[None])
+    to_uint8 = lambda x: (x.permute(0, 2, 3, 1).float().cpu().numpy() * 255 + 0.5).astype(np.uint8)  # noqa: E731
+    captions = [f"{s.id}: {records[s.id]['objective']} x{records[s.id]['strength']}" for s in samples]
+    contact_sheet(to_uint8(palette.colourise(masks)), to_uint8(plain), to_uint8(guided),
+                  uncertainty.cpu().numpy(), captions, path)
+    return path
+
+

@@ -1,0 +1,213 @@
+"""guidedgen: components, palette, objectives, and the sampler's guidance properties."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, EulerDiscreteScheduler
+
+from al.data import DIGIT_CLASSES
+from guidedgen.components import ComponentsConfig, load_components, tiny_components
+from guidedgen.guidance import OBJECTIVES, build_objective, last_layer_gradient_norm
+from guidedgen.palette import ADE20K_PALETTE, Palette, distinct_ade20k_colours, prompt_for
+from guidedgen.sampler import GRADIENT_PATHS, GuidedControlNetSampler, predicted_x0
+from guidedgen.schedule import GuidanceSchedule
+
+PALETTE = Palette(tuple(DIGIT_CLASSES), distinct_ade20k_colours(11))
+PROMPTS = ["three, seven", "one", "nine, two", "four"]
+SEEDS = [11, 12, 13, 14]
+
+
+@pytest.fixture(scope="module")
+def components():
+    return tiny_components(seed=0)
+
+
+def sample(components, masks, objective=None, strength=0.0, path="through_unet", steps=6, **schedule):
+    sampler = GuidedControlNetSampler(components, PALETTE, objective, GuidanceSchedule(strength=strength, **schedule),
+                                      gradient_path=path, num_inference_steps=steps, guidance_scale=2.0)
+    return sampler(masks, PROMPTS[: len(masks)], SEEDS[: len(masks)])
+
+
+# -- components ------------------------------------------------------------------------------
+def test_tiny_components_load_back_through_the_real_path(tmp_path, components, digit_masks_32):
+    masks, _ = digit_masks_32
+    folders = components.save_pretrained(tmp_path)
+    loaded = load_components(ComponentsConfig(pretrained_model_name_or_path=str(tmp_path),
+                                              controlnet_model_name_or_path=[str(f) for f in folders],
+                                              local_files_only=True))
+    assert torch.equal(sample(loaded, masks[:2]).images, sample(components, masks[:2]).images)
+
+
+def test_missing_checkpoint_is_explained(tmp_path):
+    with pytest.raises(OSError, match="cannot load the component set"):
+        load_components(ComponentsConfig(pretrained_model_name_or_path=str(tmp_path / "none"),
+                                         controlnet_model_name_or_path=[str(tmp_path)], local_files_only=True))
+
+
+def test_two_controlnets_take_an_extra_control(digit_masks_32):
+    masks, _ = digit_masks_32
+    two = tiny_components(seed=0, num_controlnets=2)
+    sampler = GuidedControlNetSampler(two, PALETTE, controlnet_conditioning_scale=[1.0, 0.5], num_inference_steps=3)
+    out = sampler(masks[:1], PROMPTS[:1], SEEDS[:1], extra_controls=[torch.rand(1, 3, 32, 32)])
+    assert out.images.shape == (1, 3, 32, 32)
+    with pytest.raises(ValueError, match="need 1 extra control"):
+        sampler(masks[:1], PROMPTS[:1], SEEDS[:1])
+
+
+# -- palette ---------------------------------------------------------------------------------
+def test_palette_colours_masks_and_blackens_ignore():
+    palette = Palette.from_ade20k(["wall", "sky", "car"])
+    image = palette.colourise(torch.tensor([[[0, 1], [2, 255]]]))
+    assert image.shape == (1, 3, 2, 2)
+    assert torch.allclose(image[0, :, 0, 0] * 255, torch.tensor(ADE20K_PALETTE[0], dtype=torch.float32))
+    assert torch.allclose(image[0, :, 1, 0] * 255, torch.tensor(ADE20K_PALETTE[20], dtype=torch.float32))  # car
+    assert image[0, :, 1, 1].sum() == 0
+    with pytest.raises(ValueError, match=r"class ids \[3\]"):
+        palette.colourise(torch.tensor([[[3]]]))
+
+
+def test_palette_mapping_and_warnings():
+    palette = Palette.from_ade20k(["backdrop", "vehicle"], {"backdrop": "wall", "vehicle": "car"})
+    assert palette.colours.tolist() == [ADE20K_PALETTE[0].tolist(), ADE20K_PALETTE[20].tolist()]
+    with pytest.raises(KeyError, match="no ADE20K colour"):
+        Palette.from_ade20k(["unicorn"])
+    with pytest.warns(UserWarning, match="too close"):
+        Palette(("a", "b"), np.array([[10, 10, 10], [12, 10, 10]], np.uint8))
+
+
+def test_prompt_lists_present_classes():
+    assert prompt_for(torch.tensor([[0, 3], [8, 8]]), DIGIT_CLASSES, "{classes}; photo") == "two, seven; photo"
+
+
+# -- objectives ------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_every_objective_is_per_image_and_differentiable(name, guiding_segmenters, digit_masks_32):
+    masks, _ = digit_masks_32
+    objective = build_objective(name, guiding_segmenters)
+    images = torch.rand(2, 3, 32, 32, requires_grad=True)
+    value = objective(images, masks[:2])
+    assert value.shape == (2,) and torch.isfinite(value).all()
+    value.sum().backward()
+    assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
+
+
+def test_unknown_objective_and_small_committee_are_explained(guiding_segmenters):
+    with pytest.raises(KeyError, match="expected_model_change"):
+        build_objective("uncertainty", guiding_segmenters)
+    with pytest.raises(ValueError, match="at least 2 segmenters"):
+        build_objective("committee", guiding_segmenters[:1])
+
+
+def test_closed_form_last_layer_gradient_matches_autograd(guiding_segmenters, digit_masks_32):
+    masks, _ = digit_masks_32
+    segmenter = guiding_segmenters[0]
+    images = torch.rand(2, 3, 32, 32)
+    labels = masks[:2].clone()
+    labels[0, :4] = 255
+    features = segmenter.features(images)
+    closed = last_layer_gradient_norm(segmenter.classifier_inputs(features), segmenter.classify(features).softmax(1), labels)
+    conv = segmenter.classifier
+    for i in range(2):
+        weight, bias = conv.weight.detach().clone().requires_grad_(), conv.bias.detach().clone().requires_grad_()
+        logits = segmenter.net.segmentation_head[1](torch.nn.functional.conv2d(features[i:i + 1], weight, bias))
+        loss = torch.nn.functional.cross_entropy(logits, labels[i:i + 1], ignore_index=255)
+        gw, gb = torch.autograd.grad(loss, [weight, bias])
+        assert closed[i].item() == pytest.approx(torch.cat([gw.flatten(), gb]).norm().item(), rel=1e-4)
+
+
+# -- sampler ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_x0_formula_matches_ddim_pred_original_sample(prediction_type):
+    scheduler = DDIMScheduler(prediction_type=prediction_type, clip_sample=False)  # SD setting
+    scheduler.set_timesteps(10)
+    t = scheduler.timesteps[3]
+    sample_, output = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    expected = scheduler.step(output, t, sample_).pred_original_sample
+    ours = predicted_x0(output, sample_, scheduler.alphas_cumprod[t], prediction_type)
+    assert torch.allclose(ours, expected, atol=1e-5)
+
+
+def test_x0_estimate_matches_euler_in_sigma_space(components, digit_masks_32):
+    """Euler works in sigma space; the sampler's VP-form estimate must be the same clean latent."""
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    scheduler.set_timesteps(10)
+    t = scheduler.timesteps[4]
+    sampler = GuidedControlNetSampler(components, PALETTE)
+    sampler.components = type(components)(**{**components.__dict__, "scheduler": scheduler})
+    latents, output = torch.randn(1, 4, 8, 8) * scheduler.init_noise_sigma, torch.randn(1, 4, 8, 8)
+    ours = sampler.x0_estimate(latents, output, t)
+    expected = scheduler.step(output, t, latents).pred_original_sample
+    assert torch.allclose(ours, expected, atol=1e-4)
+
+
+def test_strength_zero_is_bit_identical_to_unguided(components, guiding_segmenters, digit_masks_32):
+    masks, _ = digit_masks_32
+    objective = build_objective("entropy", guiding_segmenters)
+    plain = sample(components, masks)
+    assert torch.equal(sample(components, masks, objective, strength=0.0).images, plain.images)
+    assert not torch.equal(sample(components, masks, objective, strength=0.3).images, plain.images)
+
+
+def test_samples_do_not_depend_on_their_batch(components, digit_masks_32):
+    masks, _ = digit_masks_32
+    together = sample(components, masks).images
+    alone = GuidedControlNetSampler(components, PALETTE, num_inference_steps=6, guidance_scale=2.0)(
+        masks[2:3], PROMPTS[2:3], SEEDS[2:3]).images
+    assert torch.allclose(together[2:3], alone, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["entropy", "committee", "expected_model_change"])
+@pytest.mark.parametrize("path", GRADIENT_PATHS)
+def test_guidance_raises_the_objective_it_follows(name, path, components, guiding_segmenters, digit_masks_32):
+    masks, _ = digit_masks_32
+    objective = build_objective(name, guiding_segmenters)
+    plain = sample(components, masks)
+    guided = sample(components, masks, objective, strength=0.3, path=path)
+    with torch.no_grad():
+        before, after = objective(plain.images, masks), objective(guided.images, masks)
+    assert after.mean() > before.mean()
+    assert all(len(t.objective) == 5 for t in guided.traces)  # steps 0..4 of 6 (window [0, 0.8))
+
+
+@pytest.mark.parametrize("name,strengths", [
+    ("committee", (0.0, 0.05, 0.2)),
+    ("expected_model_change", (0.0, 0.05, 0.2)),
+    ("entropy", (0.0, 0.02, 0.05)),  # near ln(C) on the tiny set's noise-like images: low range only
+])
+def test_final_objective_rises_with_strength(name, strengths, components, guiding_segmenters, digit_masks_32):
+    """The paper's Figure 4 property, in the range where the tiny set has not yet overshot."""
+    masks, _ = digit_masks_32
+    objective = build_objective(name, guiding_segmenters)
+    values = []
+    for strength in strengths:
+        with torch.no_grad():
+            values.append(objective(sample(components, masks, objective, strength=strength).images, masks).mean().item())
+    assert values[0] < values[1] < values[2], values
+
+
+def test_non_finite_gradient_skips_the_update_with_a_warning(components, digit_masks_32):
+    masks, _ = digit_masks_32
+
+    def broken(images, masks_):
+        return (images * float("nan")).flatten(1).sum(1)
+
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        out = sample(components, masks[:2], broken, strength=0.5)
+    assert torch.isfinite(out.images).all()
+    assert "non-finite gradient" in out.traces[0].warnings[0]
+    assert torch.equal(out.images, sample(components, masks[:2]).images)
+
+
+def test_bad_masks_are_explained(components):
+    sampler = GuidedControlNetSampler(components, PALETTE, num_inference_steps=2)
+    with pytest.raises(ValueError, match="divisible by 8"):
+        sampler(torch.zeros(1, 30, 30, dtype=torch.long), ["x"], [0])
+    with pytest.raises(ValueError, match="integer class ids"):
+        sampler(torch.zeros(1, 32, 32), ["x"], [0])
+    with pytest.raises(ValueError, match="counts must match"):
+        sampler(torch.zeros(2, 32, 32, dtype=torch.long), ["x"], [0, 1])
+    with pytest.raises(ValueError, match=r"class ids \[42\]"):
+        sampler(torch.full((1, 32, 32), 42), ["x"], [0])
