@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo al-demo test install clean
 
 install: $(STAMP)
 
@@ -17,7 +17,14 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# The main job on the embedded default: a segmenter trained briefly on DigitScenes guides
+# generation from DigitScenes masks; writes outputs/demo/generated/ and its contact_sheet.png.
 demo: $(STAMP)
+	$(PY) scripts/train_segmenter.py --config configs/segmenter_digits.yaml
+	$(PY) scripts/generate.py --config configs/demo.yaml
+
+# Sparse-pixel active learning on DigitScenes (BalEnt vs random); writes outputs/al_demo/.
+al-demo: $(STAMP)
 	$(PY) scripts/active_learning.py --config configs/al_demo.yaml
 
 test: $(STAMP)

@@ -138,31 +138,36 @@ def tiny_tokenizer(max_length: int = 16) -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
 
 
-def tiny_components(seed: int = 0, num_controlnets: int = 1, scheduler: str = "ddim") -> Components:
-    """A complete, tiny, randomly initialised SD + ControlNet set (no files, no network).
+def tiny_components(
+    seed: int = 0,
+    num_controlnets: int = 1,
+    scheduler: str = "ddim",
+    unet_channels: tuple[int, ...] = (16, 32),
+    vae_channels: tuple[int, ...] = (8, 16, 16),
+) -> Components:
+    """A complete, small, randomly initialised SD + ControlNet set (no files, no network).
 
-    The VAE downsamples by 4 (64x64 images -> 16x16 latents), and the ControlNet's conditioning
-    embedding by 4 to match.
+    The default is tiny (0.5 M parameters): the VAE downsamples by 4 (64x64 images -> 16x16
+    latents) and the ControlNet's conditioning embedding by 4 to match. Wider ``unet_channels``
+    and deeper ``vae_channels`` give mid-size sets for benchmarks.
     """
     tokenizer = tiny_tokenizer()
+    down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(unet_channels) - 1)
+    up = ("CrossAttnUpBlock2D",) * (len(unet_channels) - 1) + ("UpBlock2D",)
+    blocks = dict(block_out_channels=unet_channels, layers_per_block=1, cross_attention_dim=32, attention_head_dim=4,
+                  norm_num_groups=8, down_block_types=down)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(16, 32), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
-    )
+    unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, up_block_types=up, **blocks)
     controlnets = []
     for i in range(num_controlnets):
         torch.manual_seed(seed + 1 + i)
-        controlnets.append(ControlNetModel(
-            block_out_channels=(16, 32), layers_per_block=1, in_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), cross_attention_dim=32, attention_head_dim=4,
-            conditioning_embedding_out_channels=(8, 16, 16), norm_num_groups=8,
-        ))
+        embedding = tuple(8 * 2 ** min(j, 2) for j in range(len(vae_channels)))  # one stride-2 conv per VAE level
+        controlnets.append(ControlNetModel(in_channels=4, conditioning_embedding_out_channels=embedding, **blocks))
     torch.manual_seed(seed + 100)
     vae = AutoencoderKL(
-        block_out_channels=(8, 16, 16), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, sample_size=64,
+        block_out_channels=vae_channels, in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(vae_channels), sample_size=64,
     )
     torch.manual_seed(seed + 200)
     text_encoder = CLIPTextModel(CLIPTextConfig(
@@ -170,9 +175,8 @@ def tiny_components(seed: int = 0, num_controlnets: int = 1, scheduler: str = "d
         hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
         vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length,
     ))
-    scheduler_class = _scheduler_class(scheduler)
-    scheduler_instance = scheduler_class(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                         num_train_timesteps=1000)
+    scheduler_instance = _scheduler_class(scheduler)(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                                     num_train_timesteps=1000)
     components = Components(unet, controlnets, vae, text_encoder, tokenizer, scheduler_instance)
     for module in components.modules():
         module.requires_grad_(False).eval()

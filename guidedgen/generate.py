@@ -18,11 +18,12 @@ from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from al.config import require
-from al.data.base import SegmentationDataset
+from al.data.base import SegmentationDataset, read_index_mask
 from al.data.folder import load_folder, read_metadata
 from al.experiment import DATA_KINDS, DataConfig
 from al.models import Segmenter
 from al.scores import entropy
+from guidedgen.controls import CONTROL_DETECTORS
 from guidedgen.components import SCHEDULERS, TORCH_DTYPES, Components, ComponentsConfig, load_components, tiny_components
 from guidedgen.guidance import OBJECTIVES, build_objective
 from guidedgen.palette import (DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT_TEMPLATE, Palette, distinct_ade20k_colours,
@@ -75,11 +76,13 @@ class GenerateConfig:
     guidance_scale: float = 7.5
     controlnet_conditioning_scale: list[float] = field(default_factory=lambda: [1.0])
     overwrite: bool = False
-    tiny_components: bool = False  # random tiny SD + ControlNet built in code (tests, CPU demo)
+    tiny_components: bool = False  # random tiny SD + ControlNet(s) built in code (tests, CPU demo)
     tiny_seed: int = 0
     components: ComponentsConfig = field(default_factory=ComponentsConfig)
     masks: DataConfig = field(default_factory=DataConfig)
     masks_split: str = "train"
+    # controls for ControlNets after the seg one, computed from the image behind each mask
+    extra_controls: list[str] = field(default_factory=list)
     palette: PaletteConfig = field(default_factory=PaletteConfig)
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE
     negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
@@ -111,6 +114,14 @@ class GenerateConfig:
         require(self.components.mixed_precision in TORCH_DTYPES, "components.mixed_precision",
                 self.components.mixed_precision, f"one of {sorted(TORCH_DTYPES)}")
         require(self.masks.kind in DATA_KINDS, "masks.kind", self.masks.kind, f"one of {list(DATA_KINDS)}")
+        for name in self.extra_controls:
+            require(name in CONTROL_DETECTORS, "extra_controls", name, f"one of {sorted(CONTROL_DETECTORS)}")
+        controlnets = 1 + len(self.extra_controls)
+        require(len(self.controlnet_conditioning_scale) == controlnets, "controlnet_conditioning_scale",
+                self.controlnet_conditioning_scale, f"{controlnets} values (one per ControlNet)")
+        require(self.tiny_components or len(self.components.controlnet_model_name_or_path) == controlnets,
+                "components.controlnet_model_name_or_path", self.components.controlnet_model_name_or_path,
+                f"{controlnets} ControlNets: the seg one, then one per extra control")
 
     def defining_config(self) -> dict:
         """What defines the samples: everything but where they go, how many, and how fast."""
@@ -131,7 +142,7 @@ def build_palette(config: PaletteConfig, classes: list[str], ignore_index: int) 
 
 def build_components(config: GenerateConfig, device: torch.device) -> Components:
     if config.tiny_components:
-        components = tiny_components(config.tiny_seed, scheduler=config.components.scheduler)
+        components = tiny_components(config.tiny_seed, 1 + len(config.extra_controls), config.components.scheduler)
     else:
         components = load_components(config.components)
     dtype = TORCH_DTYPES[config.components.mixed_precision]
@@ -162,6 +173,14 @@ def _model_names(config: GenerateConfig) -> dict:
             "revision": config.components.revision}
 
 
+def extra_controls(config: GenerateConfig, references: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Control images for the ControlNets after the seg one, from the images behind the masks."""
+    if not config.extra_controls:
+        return []
+    stacked = torch.stack(references)
+    return [CONTROL_DETECTORS[name](stacked) for name in config.extra_controls]
+
+
 def run_generation(config: GenerateConfig, state: Optional[PartialState] = None) -> Path:
     """Generate (or resume) ``config.num_samples`` samples into ``config.output_dir``."""
     config.validate()
@@ -181,10 +200,11 @@ def run_generation(config: GenerateConfig, state: Optional[PartialState] = None)
     sampler = build_sampler(config, build_components(config, device), palette, segmenters, ignore_index)
     batches = [mine[i:i + config.batch_size] for i in range(0, len(mine), config.batch_size)]
     for batch in tqdm(batches, desc=f"generate (process {state.process_index})", disable=not config.progress):
-        masks = torch.stack([masks_dataset[i % len(masks_dataset)].mask for i in batch])
+        sources = [masks_dataset[i % len(masks_dataset)] for i in batch]
+        masks = torch.stack([s.mask for s in sources])
         prompts = [prompt_for(m, classes, config.prompt_template) for m in masks]
         seeds = [sample_seed(config.seed, i) for i in batch]
-        output = sampler(masks.to(device), prompts, seeds)
+        output = sampler(masks.to(device), prompts, seeds, extra_controls(config, [s.image for s in sources]))
         images = output.images
         if quality_model is not None:
             qualities, disagree = assess(quality_model, images, masks.to(device), ignore_index, config.min_image_std)
@@ -193,7 +213,8 @@ def run_generation(config: GenerateConfig, state: Optional[PartialState] = None)
         for j, index in enumerate(batch):
             quality = qualities[j]
             metadata = {
-                "source_id": masks_dataset.ids[index % len(masks_dataset)], "prompt": prompts[j], "seed": seeds[j],
+                "source_id": sources[j].id, "prompt": prompts[j], "seed": seeds[j],
+                "written_by_process": f"{state.process_index}/{state.num_processes}",
                 "models": _model_names(config), "objective": config.guidance.objective,
                 "strength": config.guidance.strength, "trace": output.traces[j].summary(),
                 "quality": dataclasses.asdict(quality) if quality else None,
@@ -218,14 +239,20 @@ def write_contact_sheet(config: GenerateConfig, path: Path) -> Optional[Path]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     samples = [dataset[i] for i in range(count)]
     records = {r["id"]: r for r in read_metadata(Path(config.output_dir))}
-    masks = torch.stack([s.mask for s in samples]).to(device)
+    # the conditioning masks as written, without the quality check's ignore map
+    masks = torch.stack([torch.from_numpy(read_index_mask(Path(config.output_dir, records[s.id]["mask"])).astype(np.int64))
+                         for s in samples]).to(device)
     classes = list(dataset.classes)
     palette = build_palette(config.palette, classes, dataset.ignore_index)
     segmenter = Segmenter.from_pretrained(config.guidance.segmenters[0]).to(device)
     unguided = build_sampler(config, build_components(config, device), palette, [], dataset.ignore_index, strength=0.0)
     seeds = [records[s.id]["seed"] for s in samples]
     prompts = [records[s.id]["prompt"] for s in samples]
-    plain = unguided(masks, prompts, seeds).images
+    references = []
+    if config.extra_controls:
+        source_set = config.masks.build(config.masks_split)
+        references = [source_set[source_set.index_of(records[s.id]["source_id"])].image for s in samples]
+    plain = unguided(masks, prompts, seeds, extra_controls(config, references)).images
     guided = torch.stack([s.image for s in samples]).to(device)
     with torch.no_grad():
         uncertainty = entropy(segmenter(guided).softmax(1)[None])

@@ -1,0 +1,167 @@
+"""The generation job: writer bookkeeping, CLI, kill -9 + resume, two processes = one."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from al.data import load_folder
+from al.data.folder import read_metadata
+from guidedgen.writer import sample_seed, shard
+from scripts.generate import main as generate_main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def segmenter_dir(guiding_segmenters, tmp_path_factory):
+    path = tmp_path_factory.mktemp("segmenter")
+    guiding_segmenters[0].save_pretrained(path)
+    return path
+
+
+def overrides(output_dir, segmenter_dir, **extra):
+    values = {"output_dir": output_dir, "guidance.segmenters": f"[{segmenter_dir}]", "num_inference_steps": 3,
+              "num_samples": 5, "batch_size": 2, "masks.size": 32, "masks.num_train_images": 3, "progress": "false",
+              "contact_sheet_samples": 2, "guidance.strength": 0.1}
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def dataset_arrays(root):
+    dataset = load_folder(root)
+    return {s.id: (s.image.numpy(), s.mask.numpy()) for s in (dataset[i] for i in range(len(dataset)))}
+
+
+def test_seeds_and_shards_do_not_depend_on_processes():
+    assert sample_seed(0, 5) == sample_seed(0, 5) != sample_seed(1, 5)
+    assert len({sample_seed(0, i) for i in range(1000)}) == 1000
+    for processes in (1, 2, 3, 7):
+        parts = [shard(range(10), p, processes) for p in range(processes)]
+        assert sorted(i for part in parts for i in part) == list(range(10))  # disjoint, complete, unpadded
+
+
+def test_generate_writes_a_loadable_dataset_with_provenance(tmp_path, segmenter_dir):
+    assert generate_main(["--config", str(ROOT / "configs/demo.yaml"), *overrides(tmp_path, segmenter_dir)]) == 0
+    dataset = load_folder(tmp_path)
+    assert dataset.ids == [f"{i:06d}" for i in range(5)] and dataset.classes[0] == "background"
+    sample = dataset[4]
+    assert sample.image.shape == (3, 32, 32) and sample.mask.shape == (32, 32)
+    record = read_metadata(tmp_path)[4]
+    assert record["seed"] == sample_seed(0, 4) and record["source_id"] == "train_0_000001"  # masks cycle
+    assert record["trace"]["guided_steps"] == 2 and record["quality"]["mask_miou"] >= 0
+    assert record["prompt"].endswith("extremely detailed")
+    info = json.loads((tmp_path / "dataset.json").read_text())
+    assert info["generator"]["config"]["guidance"]["objective"] == "entropy" and len(info["palette"]) == 11
+    assert (tmp_path / "contact_sheet.png").stat().st_size > 5000
+
+
+def test_another_config_is_refused_unless_overwrite(tmp_path, segmenter_dir, capsys):
+    args = ["--config", str(ROOT / "configs/demo.yaml")]
+    assert generate_main(args + overrides(tmp_path, segmenter_dir, num_samples=1, contact_sheet_samples=0)) == 0
+    changed = overrides(tmp_path, segmenter_dir, num_samples=1, contact_sheet_samples=0, seed=9)
+    assert generate_main(args + changed) == 2
+    assert "another generation config" in capsys.readouterr().err
+    assert generate_main(args + changed + ["overwrite=true"]) == 0
+    assert read_metadata(tmp_path)[0]["seed"] == sample_seed(9, 0)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("guidance.objective=uncertainty", "guidance.objective"),
+    ("guidance.segmenters=[]", "guidance.segmenters"),
+    ("components.scheduler=pndm", "components.scheduler"),
+    ("num_samples=0", "num_samples"),
+])
+def test_bad_configs_are_explained(tmp_path, segmenter_dir, capsys, override, message):
+    assert generate_main(["--config", str(ROOT / "configs/demo.yaml"), *overrides(tmp_path, segmenter_dir), override]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_masks_with_unknown_class_ids_name_the_file(tmp_path, segmenter_dir, capsys):
+    masks = tmp_path / "masks_in" / "train"
+    (masks / "images").mkdir(parents=True)
+    (masks / "masks").mkdir()
+    (masks / "dataset.json").write_text(json.dumps({"classes": [f"c{i}" for i in range(11)]}))
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(masks / "images" / "m0.png")
+    Image.fromarray(np.full((32, 32), 40, np.uint8)).save(masks / "masks" / "m0.png")
+    args = overrides(tmp_path / "out", segmenter_dir, **{"masks.kind": "folder", "masks.root": tmp_path / "masks_in"})
+    assert generate_main(["--config", str(ROOT / "configs/demo.yaml"), *args]) == 2
+    err = capsys.readouterr().err
+    assert "m0.png" in err and "[40]" in err
+
+
+def run_script(args, **kwargs):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def test_kill_9_then_resume_gives_every_index_exactly_once(tmp_path, segmenter_dir):
+    args = ["scripts/generate.py", "--config", "configs/demo.yaml",
+            *overrides(tmp_path, segmenter_dir, num_samples=8, batch_size=1, contact_sheet_samples=0)]
+    process = run_script(args)
+    metadata = tmp_path / "metadata.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        if metadata.exists() and len(metadata.read_bytes().splitlines()) >= 2:
+            os.kill(process.pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = len(read_metadata(tmp_path))
+    assert 2 <= killed_at < 8
+    assert generate_main(["--config", str(ROOT / "configs/demo.yaml"),
+                          *overrides(tmp_path, segmenter_dir, num_samples=8, batch_size=1, contact_sheet_samples=0)]) == 0
+    ids = [r["id"] for r in read_metadata(tmp_path)]
+    lines = metadata.read_text().splitlines()
+    assert sorted(ids) == [f"{i:06d}" for i in range(8)] and len(lines) == 8
+    assert len(dataset_arrays(tmp_path)) == 8  # every file readable
+    assert not list(tmp_path.rglob(".*tmp*"))
+
+
+def test_two_processes_write_the_same_dataset_as_one(tmp_path, segmenter_dir):
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = dict(num_samples=5, contact_sheet_samples=0)
+    assert generate_main(["--config", str(ROOT / "configs/demo.yaml"), *overrides(one, segmenter_dir, **common)]) == 0
+    launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    process = subprocess.run([*launcher, "scripts/generate.py", "--config", "configs/demo.yaml",
+                              *overrides(two, segmenter_dir, **common)],
+                             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=600)
+    assert process.returncode == 0, process.stderr[-2000:]
+    writers = {r["written_by_process"] for r in read_metadata(two)}
+    assert writers == {"0/2", "1/2"}
+    a, b = dataset_arrays(one), dataset_arrays(two)
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert np.abs(a[key][0] - b[key][0]).max() <= 1.5 / 255  # same pixels up to PNG rounding of float noise
+        assert np.array_equal(a[key][1], b[key][1])
+
+
+def test_a_canny_controlnet_beside_the_seg_one(tmp_path, segmenter_dir):
+    args = overrides(tmp_path, segmenter_dir, num_samples=2, contact_sheet_samples=1,
+                     extra_controls="[canny]", controlnet_conditioning_scale="[1.0,0.5]")
+    assert generate_main(["--config", str(ROOT / "configs/demo.yaml"), *args]) == 0
+    assert len(load_folder(tmp_path)) == 2 and (tmp_path / "contact_sheet.png").exists()
+    mismatch = overrides(tmp_path / "x", segmenter_dir, extra_controls="[canny]")
+    assert generate_main(["--config", str(ROOT / "configs/demo.yaml"), *mismatch]) == 2
+
+
+def test_canny_control_marks_edges():
+    import torch
+
+    from guidedgen.controls import canny_control
+
+    image = torch.zeros(1, 3, 32, 32)
+    image[:, :, 8:24, 8:24] = 1.0
+    edges = canny_control(image)
+    assert edges.shape == (1, 3, 32, 32)
+    assert edges[0, 0, 8:24, 7:10].max() == 1.0 and edges[0, 0, 14:18, 14:18].max() == 0.0
