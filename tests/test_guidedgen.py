@@ -211,3 +211,37 @@ def test_bad_masks_are_explained(components):
         sampler(torch.zeros(2, 32, 32, dtype=torch.long), ["x"], [0, 1])
     with pytest.raises(ValueError, match=r"class ids \[42\]"):
         sampler(torch.full((1, 32, 32), 42), ["x"], [0])
+
+
+def test_vae_gradient_checkpointing_and_slicing_change_nothing(guiding_segmenters, digit_masks_32):
+    masks, _ = digit_masks_32
+    objective = build_objective("entropy", guiding_segmenters)
+    kwargs = dict(num_inference_steps=4, guidance_scale=2.0, schedule=GuidanceSchedule(strength=0.1))
+    plain = GuidedControlNetSampler(tiny_components(seed=3), PALETTE, objective, **kwargs)(masks[:2], PROMPTS[:2], SEEDS[:2])
+    saving = GuidedControlNetSampler(tiny_components(seed=3), PALETTE, objective, vae_gradient_checkpointing=True,
+                                     vae_slicing=True, **kwargs)(masks[:2], PROMPTS[:2], SEEDS[:2])
+    assert torch.allclose(plain.images, saving.images, atol=1e-5)
+
+
+def test_quality_flags_degenerate_images_and_disagreement(guiding_segmenters, digit_masks_32):
+    from guidedgen.quality import assess
+
+    masks, dataset = digit_masks_32
+    images = torch.stack([dataset[0].image, torch.zeros(3, 32, 32)])
+    qualities, disagree = assess(guiding_segmenters[0], images, masks[:2])
+    assert not qualities[0].degenerate and qualities[1].degenerate
+    assert 0.0 <= qualities[0].mask_miou <= 1.0
+    prediction = guiding_segmenters[0](images).argmax(1)
+    assert torch.equal(disagree, prediction != masks[:2])
+
+
+def test_dropped_samples_count_as_done_but_are_not_read(tmp_path):
+    from al.data import load_folder
+    from guidedgen.writer import GenerationWriter
+
+    writer = GenerationWriter(tmp_path, ["bg", "a"], [[0, 0, 0], [255, 0, 0]], {"k": 1})
+    writer.write(0, np.zeros((8, 8, 3), np.uint8) + 100, np.zeros((8, 8), np.uint8), None, {})
+    writer.drop(1, "degenerate", {"seed": 5})
+    again = GenerationWriter(tmp_path, ["bg", "a"], [[0, 0, 0], [255, 0, 0]], {"k": 1})
+    assert again.pending(range(3)) == [2]
+    assert load_folder(tmp_path).ids == ["000000"]
