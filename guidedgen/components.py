@@ -58,7 +58,7 @@ class Components:
 
     def to(self, device: Union[str, torch.device], dtype: Optional[torch.dtype] = None) -> "Components":
         for module in self.modules():
-            module.to(device=device, dtype=dtype)
+            module.to(device) if dtype is None else module.to(device=device, dtype=dtype)
         return self
 
     def save_pretrained(self, directory: Union[str, os.PathLike]) -> list[Path]:

@@ -245,3 +245,13 @@ def test_dropped_samples_count_as_done_but_are_not_read(tmp_path):
     again = GenerationWriter(tmp_path, ["bg", "a"], [[0, 0, 0], [255, 0, 0]], {"k": 1})
     assert again.pending(range(3)) == [2]
     assert load_folder(tmp_path).ids == ["000000"]
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "unipc", "dpm_solver", "euler"])
+def test_every_registered_scheduler_samples_with_guidance(scheduler, guiding_segmenters, digit_masks_32):
+    masks, _ = digit_masks_32
+    objective = build_objective("entropy", guiding_segmenters)
+    components = tiny_components(seed=0, scheduler=scheduler)
+    out = GuidedControlNetSampler(components, PALETTE, objective, GuidanceSchedule(strength=0.1),
+                                  num_inference_steps=4, guidance_scale=2.0)(masks[:2], PROMPTS[:2], SEEDS[:2])
+    assert torch.isfinite(out.images).all() and len(out.traces[0].objective) == 3
