@@ -22,6 +22,7 @@ from al.config import require
 from al.data import LAYOUTS, DigitScenesConfig, digit_scenes, load_folder
 from al.data.base import SegmentationDataset
 from al.data.folder import atomic_write_bytes
+from al.labels import SparseLabels
 from al.loop import ActiveLearningLoop, LoopConfig
 from al.mc import mc_probs
 from al.models import Segmenter
@@ -112,6 +113,30 @@ def write_curve_csv(rows: list[dict], path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue().encode())
 
 
+def query_table(output_dir: Path, train_set: SegmentationDataset) -> str:
+    """Markdown: what each acquisition queried per cycle, over seeds: the share of labels that
+    fell on non-background classes and the number of distinct classes hit."""
+    shares: dict = {}
+    for state_path in sorted((output_dir / "runs").glob("*/seed_*/state.json")):
+        state = json.loads(state_path.read_text())
+        labels = SparseLabels(state_path.parent / "labels", train_set.image_shapes(), train_set.num_classes,
+                              train_set.ignore_index)
+        for tag, classes in labels.classes_by_tag().items():
+            values = np.array(classes)
+            shares.setdefault((state["acquisition"], tag), []).append(
+                (float((values != 0).mean()) * 100, len(set(values.tolist()) - {train_set.ignore_index})))
+    tags = sorted({tag for _, tag in shares}, key=lambda t: (t != "initial", int(t[5:]) if t.startswith("cycle") else -1))
+    acquisitions = sorted({a for a, _ in shares})
+    lines = ["| queried in | " + " | ".join(acquisitions) + " |", "|---" * (1 + len(acquisitions)) + "|"]
+    for tag in tags:
+        cells = []
+        for acquisition in acquisitions:
+            found = shares.get((acquisition, tag))
+            cells.append(f"{np.mean([f for f, _ in found]):.0f}% fg, {np.mean([c for _, c in found]):.1f} cls" if found else "-")
+        lines.append(f"| {tag} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def curve_table(rows: list[dict]) -> str:
     """Markdown table: mean +- std mIoU (%) over seeds, one column per acquisition."""
     acquisitions = sorted({r["acquisition"] for r in rows})
@@ -191,6 +216,7 @@ def run_experiment(config: ExperimentConfig) -> str:
     summary = curve_table(rows)
     if references:
         summary += "\n\n" + "; ".join(references)
+    summary += "\n\nWhat was queried (mean over seeds):\n\n" + query_table(output_dir, train_set)
     atomic_write_bytes(output_dir / "summary.md", (summary + "\n").encode())
     return summary
 

@@ -65,6 +65,7 @@ class SparseLabels:
         self.void_index = void_index
         self._labels: dict[str, dict[tuple[int, int], int]] = {}
         self._tags: dict[str, set] = {}
+        self._classes_by_tag: dict = {}
         self.directory.mkdir(parents=True, exist_ok=True)
         self._replay()
 
@@ -99,6 +100,7 @@ class SparseLabels:
             store[(row, col)] = cls
         if tag is not None:
             self._tags.setdefault(image_id, set()).add(tag)
+            self._classes_by_tag.setdefault(tag, []).extend(cls for _, _, cls in pixels)
 
     # -- public API ----------------------------------------------------------------------------
     def add(self, image_id: str, coords: Union[Tensor, np.ndarray, Iterable], classes: Union[Tensor, np.ndarray, Iterable], tag=None) -> int:
@@ -145,6 +147,10 @@ class SparseLabels:
     def has_tag(self, image_id: str, tag) -> bool:
         """Whether a record with ``tag`` was acknowledged for ``image_id`` (resume bookkeeping)."""
         return tag in self._tags.get(image_id, set())
+
+    def classes_by_tag(self) -> dict:
+        """``{tag: [class of every pixel labelled under it]}`` (e.g. what each AL cycle queried)."""
+        return {tag: list(classes) for tag, classes in self._classes_by_tag.items()}
 
     def pixels(self, image_id: str) -> dict[tuple[int, int], int]:
         """``{(row, col): class}`` of one image (a copy)."""

@@ -104,3 +104,11 @@ def test_kill_9_loses_no_acknowledged_label(tmp_path):
     # at most the records written after the last print survive, each complete
     assert len(acknowledged) <= len(pixels) <= len(acknowledged) + 50
     assert all(pixels[(i // 100, i % 100)] == i % 5 for i in range(len(pixels)))
+
+
+def test_classes_by_tag_survive_reload(tmp_path):
+    labels = store(tmp_path)
+    labels.add("a", [[0, 0], [1, 1]], [1, 2], tag="cycle0")
+    labels.add("b", [[0, 0]], [0], tag="cycle0")
+    labels.add("b", [[2, 2]], [1], tag="cycle1")
+    assert store(tmp_path).classes_by_tag() == {"cycle0": [1, 2, 0], "cycle1": [1]}

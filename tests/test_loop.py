@@ -113,7 +113,8 @@ def test_cli_writes_curve_and_plots(tmp_path, capsys):
     assert {r["labelled_pixels"] for r in rows} == {"8", "16"}
     for name in ("curve.png", "uncertainty_maps.png", "summary.md"):
         assert (tmp_path / name).stat().st_size > 1000 or name == "summary.md"
-    assert "| cycle | labelled px | balent | random |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| cycle | labelled px | balent | random |" in out and "| queried in | balent | random |" in out
     assert json.loads((tmp_path / "supervised" / "seed_0.json").read_text())["miou"] >= 0
 
 
