@@ -16,6 +16,8 @@ import time
 
 import torch
 
+from guidedgen.generate import GuidanceConfig
+
 PRESETS = {
     "tiny": dict(size=64, unet_channels=(16, 32), vae_channels=(8, 16, 16)),
     "mid": dict(size=256, unet_channels=(64, 128, 256, 256), vae_channels=(32, 64, 128, 128)),
@@ -26,7 +28,6 @@ def worker(preset: str, path: str, args, queue) -> None:
     from al.data import DIGIT_CLASSES, DigitScenesConfig, digit_scenes
     from al.models import build_segmenter
     from guidedgen.components import tiny_components
-    from guidedgen.generate import GuidanceConfig
     from guidedgen.guidance import build_objective
     from guidedgen.palette import Palette, distinct_ade20k_colours
     from guidedgen.sampler import GuidedControlNetSampler
@@ -37,7 +38,7 @@ def worker(preset: str, path: str, args, queue) -> None:
     masks = torch.from_numpy(digit_scenes(DigitScenesConfig(num_images=args.batch, size=spec["size"])).masks).long()
     torch.manual_seed(0)
     segmenter = build_segmenter("unet", "tu-resnet10t", 11, encoder_depth=4, decoder_channels=(64, 32, 16, 16))
-    defaults = GuidanceConfig(strength=0.3)
+    defaults = GuidanceConfig(strength=0.3, every=args.every)
     objective = build_objective(defaults.objective, [segmenter]) if path != "unguided" else None
     sampler = GuidedControlNetSampler(
         components, Palette(tuple(DIGIT_CLASSES), distinct_ade20k_colours(11)), objective, defaults.schedule(),
@@ -68,6 +69,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--every", type=int, default=GuidanceConfig.every, help="guide every n-th step of the window")
     args = parser.parse_args()
     ratio = None
     for preset in PRESETS:
