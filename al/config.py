@@ -45,3 +45,13 @@ def require(condition: bool, key: str, value, allowed: str) -> None:
     """Raise :class:`ConfigError` naming ``key``, its ``value`` and what is ``allowed``."""
     if not condition:
         raise ConfigError(f"config key {key!r} = {value!r} is not allowed; expected {allowed}")
+
+
+def cli_parser(description: str):
+    """The scripts' common command line: ``--config FILE`` plus dotted ``key=value`` overrides."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML file with the keys of the script's config dataclass")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. loop.cycles=3")
+    return parser

@@ -6,10 +6,9 @@ Overrides use dotted keys, e.g. ``seeds=[0,1,2] loop.cycles=3 loop.train.epochs=
 Re-running with the same output_dir resumes; runs may be split over several processes.
 """
 
-import argparse
 import sys
 
-from al.config import ConfigError, load_config
+from al.config import ConfigError, cli_parser, load_config
 from al.data.base import DatasetError
 from al.experiment import ExperimentConfig, run_experiment
 from al.loop import StateMismatchError
@@ -17,10 +16,7 @@ from al.select import NotEnoughPixelsError
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML file (keys of al.experiment.ExperimentConfig)")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    args = parser.parse_args(argv)
+    args = cli_parser(__doc__).parse_args(argv)
     try:
         config = load_config(ExperimentConfig, args.config, args.overrides)
         summary = run_experiment(config)

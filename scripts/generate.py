@@ -7,23 +7,19 @@ Re-running with the same output_dir resumes; a different config there is refused
 ``overwrite=true``. Writes ``contact_sheet.png`` beside the dataset.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 from accelerate import PartialState
 
-from al.config import ConfigError, load_config
+from al.config import ConfigError, cli_parser, load_config
 from al.data.base import DatasetError
 from guidedgen.generate import GenerateConfig, run_generation, write_contact_sheet
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML file (keys of guidedgen.generate.GenerateConfig)")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    args = parser.parse_args(argv)
+    args = cli_parser(__doc__).parse_args(argv)
     try:
         config = load_config(GenerateConfig, args.config, args.overrides)
         state = PartialState(cpu=not torch.cuda.is_available())

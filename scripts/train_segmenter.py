@@ -5,7 +5,6 @@
 Skips training when ``output_dir`` already holds a segmenter trained with the same config.
 """
 
-import argparse
 import json
 import sys
 from dataclasses import asdict, dataclass, field
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from al.config import ConfigError, load_config
+from al.config import ConfigError, cli_parser, load_config
 from al.data.base import DatasetError
 from al.experiment import DataConfig
 from al.loop import ModelConfig
@@ -32,10 +31,7 @@ class TrainSegmenterConfig:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
+    args = cli_parser(__doc__).parse_args(argv)
     try:
         config = load_config(TrainSegmenterConfig, args.config, args.overrides)
         output = Path(config.output_dir)
