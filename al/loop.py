@@ -190,6 +190,8 @@ class ActiveLearningLoop:
         """Score every pool image with MC dropout and label n pixels of each by the rule."""
         tag = f"cycle{cycle}"
         generator = _derived_generator(self.device, self.seed, self.acquisition, cycle)
+        # selection runs on CPU maps: its own CPU generator keeps runs reproducible on CUDA too
+        rule_generator = _derived_generator(torch.device("cpu"), self.seed, self.acquisition, cycle, "select")
         pending = [i for i in self.train_set.ids if not self.labels.has_tag(i, tag)]
         subset = [self.train_set[self.train_set.index_of(i)] for i in pending]
         loader = DataLoader(subset, batch_size=self.config.inference_batch_size, collate_fn=collate_samples)
@@ -197,7 +199,6 @@ class ActiveLearningLoop:
             probs = mc_probs(model, batch["image"].to(self.device), self.config.mc_samples, generator)
             scores = self.score_fn(probs, generator).cpu()  # [B, H, W]
             by_id = dict(zip(batch["id"], scores))
-            rule_generator = generator if generator.device.type == "cpu" else None
 
             def choose(image_id: str, available: Tensor) -> Tensor:
                 return self.rule(by_id[image_id], available, self.config.pixels_per_image, rule_generator)
