@@ -30,13 +30,27 @@ def mc_probs(
     """K stochastic softmax predictions from last-layer dropout.
 
     The model runs in eval mode (BatchNorm uses running statistics); only the head's dropout is
-    sampled. ``generator`` (on ``images.device``) makes the K masks reproducible.
+    sampled. ``generator`` (on ``images.device``) makes the K masks reproducible. Same values as
+    :func:`sample_head`, but each softmax is written straight into its slot of the output: the
+    K-stack is the largest tensor here and stacking it would copy it once more.
 
     Shape: ``images [N, 3, H, W] -> [K, N, C, H, W]``.
     """
+    if k < 1:
+        raise ValueError(f"k (MC samples) must be >= 1, got {k}")
     was_training = model.training
     model.eval()
     try:
-        return sample_head(model, model.features(images), k, generator)
+        features = model.features(images)
+        out = None
+        for i in range(k):
+            logits = model.classify(features, generator=generator, stochastic=True)
+            if out is None:
+                out = torch.empty((k, *logits.shape), dtype=logits.dtype, device=logits.device)
+            slot = out[i]
+            torch.sub(logits, logits.amax(1, keepdim=True), out=slot)
+            slot.exp_()
+            slot.div_(slot.sum(1, keepdim=True))
+        return out
     finally:
         model.train(was_training)

@@ -97,3 +97,14 @@ def test_a_head_that_does_not_restore_the_input_size_is_refused():
     model = build_segmenter("fpn", "tu-resnet10t", 3, encoder_depth=3)
     with pytest.raises(ValueError, match="encoder_depth=3 predicts"):
         model(torch.rand(1, 3, 64, 64))
+
+
+def test_mc_probs_equals_the_differentiable_head_sampler():
+    from al.mc import sample_head
+
+    model = tiny("unet").eval()
+    x = torch.rand(2, 3, 64, 64)
+    fast = mc_probs(model, x, 5, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        reference = sample_head(model, model.features(x), 5, torch.Generator().manual_seed(3))
+    assert torch.allclose(fast, reference, atol=1e-6)
