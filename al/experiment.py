@@ -31,7 +31,7 @@ from al.scores import SCORES, bald, balanced_entropy, entropy, marginal_confiden
 from al.select import SELECTION_RULES
 from al.train import DenseTargetDataset, TrainConfig, evaluate, train_segmenter
 
-DATA_KINDS = ("digitscenes", "folder", *LAYOUTS)
+DATA_KINDS = ("digitscenes", "folder", "masks", *LAYOUTS)  # "masks": a folder of masks only (generation)
 CURVE_FIELDS = ["acquisition", "seed", "cycle", "labelled_pixels", "labelled_percent", "miou"]
 
 
@@ -51,8 +51,8 @@ class DataConfig:
         if self.kind == "digitscenes":
             count = self.num_train_images if split == self.train_split else self.num_val_images
             return digit_scenes(DigitScenesConfig(num_images=count, size=self.size, seed=self.seed, split=split))
-        if self.kind == "folder":
-            return load_folder(Path(self.root) / split)
+        if self.kind in ("folder", "masks"):
+            return load_folder(Path(self.root) / split, masks_only=self.kind == "masks")
         return LAYOUTS[self.kind](self.root, split)
 
 
@@ -79,7 +79,8 @@ class ExperimentConfig:
         require(self.loop.mc_samples >= 2, "loop.mc_samples", self.loop.mc_samples, "an integer >= 2 (BalEnt and BALD need a variance)")
         require(self.loop.train.epochs >= 1, "loop.train.epochs", self.loop.train.epochs, "an integer >= 1")
         require(0.0 <= self.loop.model.dropout < 1.0, "loop.model.dropout", self.loop.model.dropout, "a float in [0, 1)")
-        require(self.data.kind in DATA_KINDS, "data.kind", self.data.kind, f"one of {list(DATA_KINDS)}")
+        require(self.data.kind in DATA_KINDS and self.data.kind != "masks", "data.kind", self.data.kind,
+                f"one of {[k for k in DATA_KINDS if k != 'masks']} (active learning needs images)")
         require(self.data.kind == "digitscenes" or self.data.root is not None, "data.root", self.data.root,
                 f"the dataset folder (needed for data.kind={self.data.kind!r})")
         require(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "device", self.device, "auto, cpu or cuda[:i]")

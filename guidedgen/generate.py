@@ -116,6 +116,8 @@ class GenerateConfig:
         require(self.masks.kind in DATA_KINDS, "masks.kind", self.masks.kind, f"one of {list(DATA_KINDS)}")
         for name in self.extra_controls:
             require(name in CONTROL_DETECTORS, "extra_controls", name, f"one of {sorted(CONTROL_DETECTORS)}")
+        require(not (self.extra_controls and self.masks.kind == "masks"), "extra_controls", self.extra_controls,
+                "none with masks.kind=masks: extra controls are computed from the images behind the masks")
         controlnets = 1 + len(self.extra_controls)
         require(len(self.controlnet_conditioning_scale) == controlnets, "controlnet_conditioning_scale",
                 self.controlnet_conditioning_scale, f"{controlnets} values (one per ControlNet)")

@@ -165,3 +165,19 @@ def test_canny_control_marks_edges():
     edges = canny_control(image)
     assert edges.shape == (1, 3, 32, 32)
     assert edges[0, 0, 8:24, 7:10].max() == 1.0 and edges[0, 0, 14:18, 14:18].max() == 0.0
+
+
+def test_a_folder_of_masks_alone_is_enough_to_generate(tmp_path, segmenter_dir):
+    masks = tmp_path / "in" / "train"
+    (masks / "masks").mkdir(parents=True)
+    (masks / "dataset.json").write_text(json.dumps({"classes": [f"c{i}" for i in range(11)]}))
+    for i in range(2):
+        mask = np.zeros((32, 32), np.uint8)
+        mask[4:20, 4 + i:20] = 3 + i
+        Image.fromarray(mask).save(masks / "masks" / f"m{i}.png")
+    args = overrides(tmp_path / "out", segmenter_dir, num_samples=2, contact_sheet_samples=1,
+                     **{"masks.kind": "masks", "masks.root": tmp_path / "in"})
+    assert generate_main(["--config", str(ROOT / "configs/demo.yaml"), *args]) == 0
+    generated = load_folder(tmp_path / "out")
+    assert [r["source_id"] for r in read_metadata(tmp_path / "out")] == ["m0", "m1"]
+    assert generated[1].mask[10, 10] == 4

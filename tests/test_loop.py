@@ -125,6 +125,7 @@ def test_cli_writes_curve_and_plots(tmp_path, capsys):
     ("loop.cycles=many", "loop.cycles"),
     ("loop.no_such_key=1", "no_such_key"),
     ("data.kind=cityscapes", "'data.root'"),
+    ("data.kind=masks", "active learning needs images"),
 ])
 def test_cli_explains_bad_configuration(tmp_path, capsys, override, message):
     assert cli_main(["--config", "configs/al_digits.yaml", f"output_dir={tmp_path}", override]) == 2

@@ -86,6 +86,7 @@ class SegmentationDataset(Dataset):
     classes: Sequence[str]
     ignore_index: int
     ids: list[str]
+    has_images: bool = True
 
     @property
     def num_classes(self) -> int:
@@ -135,7 +136,7 @@ class FileDataset(SegmentationDataset):
 
     def __init__(
         self,
-        pairs: Sequence[tuple[str, Path, Path]],
+        pairs: Sequence[tuple[str, Optional[Path], Path]],
         classes: Sequence[str],
         ignore_index: int = 255,
         label_map: Optional[Callable[[np.ndarray, Path], np.ndarray]] = None,
@@ -145,11 +146,14 @@ class FileDataset(SegmentationDataset):
             raise DatasetError(f"{source}: dataset is empty (no image/mask pairs found); check the root and split")
         self.pairs = list(pairs)
         self.ids = [sample_id for sample_id, _, _ in self.pairs]
+        # A masks-only set (image path None) serves generation; its images are zeros.
+        self.has_images = all(image_path is not None for _, image_path, _ in self.pairs)
         self.classes, self.ignore_index, self.label_map = list(classes), ignore_index, label_map
 
     def __getitem__(self, index: int) -> Sample:
         sample_id, image_path, mask_path = self.pairs[index]
-        image, mask = read_rgb(image_path), read_index_mask(mask_path)
+        mask = read_index_mask(mask_path)
+        image = read_rgb(image_path) if image_path is not None else np.zeros((*mask.shape[:2], 3), np.uint8)
         if self.label_map is not None:
             mask = self.label_map(mask, mask_path)
         check_pair(image, mask, self.num_classes, self.ignore_index, where=str(mask_path))

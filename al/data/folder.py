@@ -76,9 +76,10 @@ def _ignore_map(root: Path, ignore_index: int):
     return apply
 
 
-def load_folder(root: Union[str, os.PathLike]) -> FileDataset:
+def load_folder(root: Union[str, os.PathLike], masks_only: bool = False) -> FileDataset:
     """Read a dataset in the project layout. Samples are those with a metadata line, or (for a
-    hand-made folder without ``metadata.jsonl``) every ``masks/*.png``."""
+    hand-made folder without ``metadata.jsonl``) every ``masks/*.png``. ``masks_only`` reads
+    just ``dataset.json`` and ``masks/`` (input to generation); images are then zeros."""
     root = Path(root)
     info_path = root / DATASET_JSON
     if not info_path.is_file():
@@ -96,7 +97,7 @@ def load_folder(root: Union[str, os.PathLike]) -> FileDataset:
         ids = [r["id"] for r in records if not r.get("dropped")]
     else:
         ids = sorted(p.stem for p in (root / "masks").glob("*.png"))
-    pairs = [(i, root / "images" / f"{i}.png", root / "masks" / f"{i}.png") for i in ids]
+    pairs = [(i, None if masks_only else root / "images" / f"{i}.png", root / "masks" / f"{i}.png") for i in ids]
     return FileDataset(pairs, classes, ignore_index, label_map=_ignore_map(root, ignore_index), source=str(root))
 
 
