@@ -48,8 +48,9 @@ class DiffusionFeatureExtractor:
     conditioning of a ``UNet2DConditionModel`` (e.g. the empty prompt's embedding).
     """
 
-    def __init__(self, unet: nn.Module, scheduler, config: FeatureConfig = FeatureConfig(),
+    def __init__(self, unet: nn.Module, scheduler, config: Optional[FeatureConfig] = None,
                  encode: Optional[Encode] = None, encoder_hidden_states: Optional[Tensor] = None):
+        config = config if config is not None else FeatureConfig()
         self.unet, self.scheduler, self.config = unet.eval(), scheduler, config
         self.encode = encode or (lambda images: images * 2.0 - 1.0)
         self.encoder_hidden_states = encoder_hidden_states

@@ -27,7 +27,7 @@ from al.loop import ActiveLearningLoop, LoopConfig
 from al.mc import mc_probs
 from al.models import Segmenter
 from al.plots import plot_learning_curves, plot_uncertainty_maps
-from al.scores import SCORES, bald, balanced_entropy, entropy, marginal_confidence
+from al.scores import SCORES, balanced_entropy, bald, entropy, marginal_confidence
 from al.select import SELECTION_RULES
 from al.train import DenseTargetDataset, TrainConfig, evaluate, train_segmenter
 

@@ -26,7 +26,13 @@ from al.mc import mc_probs
 from al.models import Segmenter, build_segmenter
 from al.scores import get_score
 from al.select import NotEnoughPixelsError, get_rule, top_n
-from al.train import SparseTargetDataset, TrainConfig, collate_samples, evaluate, train_segmenter
+from al.train import (
+    SparseTargetDataset,
+    TrainConfig,
+    collate_samples,
+    evaluate,
+    train_segmenter,
+)
 
 
 @dataclass

@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from al.models import build_segmenter
 from al.mc import mc_probs
+from al.models import build_segmenter
 
 SETTINGS = {
     "digitscenes unet 32x64x64": (dict(arch="unet", encoder="tu-resnet10t", num_classes=11, encoder_depth=4,

@@ -23,11 +23,23 @@ from al.data.folder import load_folder, read_metadata
 from al.experiment import DATA_KINDS, DataConfig
 from al.models import Segmenter
 from al.scores import entropy
+from guidedgen.components import (
+    SCHEDULERS,
+    TORCH_DTYPES,
+    Components,
+    ComponentsConfig,
+    load_components,
+    tiny_components,
+)
 from guidedgen.controls import CONTROL_DETECTORS
-from guidedgen.components import SCHEDULERS, TORCH_DTYPES, Components, ComponentsConfig, load_components, tiny_components
 from guidedgen.guidance import OBJECTIVES, build_objective
-from guidedgen.palette import (DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT_TEMPLATE, Palette, distinct_ade20k_colours,
-                               prompt_for)
+from guidedgen.palette import (
+    DEFAULT_NEGATIVE_PROMPT,
+    DEFAULT_PROMPT_TEMPLATE,
+    Palette,
+    distinct_ade20k_colours,
+    prompt_for,
+)
 from guidedgen.quality import assess
 from guidedgen.sampler import GRADIENT_PATHS, GuidedControlNetSampler
 from guidedgen.schedule import NORMALISATIONS, GuidanceSchedule
@@ -258,7 +270,7 @@ def write_contact_sheet(config: GenerateConfig, path: Path) -> Optional[Path]:
     guided = torch.stack([s.image for s in samples]).to(device)
     with torch.no_grad():
         uncertainty = entropy(segmenter(guided).softmax(1)[None])
-    to_uint8 = lambda x: (x.permute(0, 2, 3, 1).float().cpu().numpy() * 255 + 0.5).astype(np.uint8)  # noqa: E731
+    to_uint8 = lambda x: (x.permute(0, 2, 3, 1).float().cpu().numpy() * 255 + 0.5).astype(np.uint8)
     captions = [f"{s.id}: {records[s.id]['objective']} x{records[s.id]['strength']}" for s in samples]
     contact_sheet(to_uint8(palette.colourise(masks)), to_uint8(plain), to_uint8(guided),
                   uncertainty.cpu().numpy(), captions, path)

@@ -78,7 +78,7 @@ class GuidedControlNetSampler:
         components: Components,
         palette: Palette,
         objective: Optional[Objective] = None,
-        schedule: GuidanceSchedule = GuidanceSchedule(),
+        schedule: Optional[GuidanceSchedule] = None,
         gradient_path: str = "through_unet",
         num_inference_steps: int = 20,
         guidance_scale: float = 7.5,
@@ -93,7 +93,8 @@ class GuidedControlNetSampler:
         if len(controlnet_conditioning_scale) != len(components.controlnets):
             raise ValueError(f"{len(controlnet_conditioning_scale)} conditioning scales for "
                              f"{len(components.controlnets)} ControlNets")
-        self.components, self.palette, self.objective, self.schedule = components, palette, objective, schedule
+        self.components, self.palette, self.objective = components, palette, objective
+        self.schedule = schedule if schedule is not None else GuidanceSchedule()
         self.gradient_path, self.num_inference_steps = gradient_path, num_inference_steps
         self.guidance_scale, self.conditioning_scales = guidance_scale, list(controlnet_conditioning_scale)
         self.negative_prompt, self.progress = negative_prompt, progress

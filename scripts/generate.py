@@ -8,7 +8,6 @@ Re-running with the same output_dir resumes; a different config there is refused
 """
 
 import sys
-from pathlib import Path
 
 import torch
 from accelerate import PartialState

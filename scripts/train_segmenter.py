@@ -16,7 +16,6 @@ from al.config import ConfigError, cli_parser, load_config
 from al.data.base import DatasetError
 from al.experiment import DataConfig
 from al.loop import ModelConfig
-from al.models import Segmenter
 from al.train import DenseTargetDataset, TrainConfig, evaluate, train_segmenter
 
 

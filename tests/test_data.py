@@ -7,8 +7,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from al.data import (DIGIT_CLASSES, ArrayDataset, DatasetError, DatasetWriter, DigitScenesConfig, ade20k, camvid,
-                     cityscapes, digit_scenes, load_folder, voc)
+from al.data import (
+    DIGIT_CLASSES,
+    ArrayDataset,
+    DatasetError,
+    DatasetWriter,
+    DigitScenesConfig,
+    ade20k,
+    camvid,
+    cityscapes,
+    digit_scenes,
+    load_folder,
+    voc,
+)
 from al.data.digitscenes import _digit_scans, _split_indices, render_scene
 from al.data.standard import ADE20K_CLASSES, CITYSCAPES_CLASSES
 

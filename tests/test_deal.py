@@ -6,8 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from al.deal import (DifficultyBranch, ProbabilityAttention, difficulty_entropy, difficulty_loss, difficulty_sum,
-                     error_mask, max_difficulty_entropy, pixel_difficulty)
+from al.deal import (
+    DifficultyBranch,
+    ProbabilityAttention,
+    difficulty_entropy,
+    difficulty_loss,
+    difficulty_sum,
+    error_mask,
+    max_difficulty_entropy,
+    pixel_difficulty,
+)
 
 
 def test_pam_is_the_identity_on_probabilities_when_gamma_is_zero():

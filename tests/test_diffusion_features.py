@@ -7,8 +7,16 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
-from al.diffusion_features import (DiffusionFeatureExtractor, EnsembleConfig, FeatureConfig, PixelEnsemble,
-                                   image_score, majority_vote, mutual_information, sample_pixels)
+from al.diffusion_features import (
+    DiffusionFeatureExtractor,
+    EnsembleConfig,
+    FeatureConfig,
+    PixelEnsemble,
+    image_score,
+    majority_vote,
+    mutual_information,
+    sample_pixels,
+)
 from al.scores import SCORES
 from guidedgen.components import tiny_components
 

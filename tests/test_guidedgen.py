@@ -10,7 +10,12 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler
 from al.data import DIGIT_CLASSES
 from guidedgen.components import ComponentsConfig, load_components, tiny_components
 from guidedgen.guidance import OBJECTIVES, build_objective, last_layer_gradient_norm
-from guidedgen.palette import ADE20K_PALETTE, Palette, distinct_ade20k_colours, prompt_for
+from guidedgen.palette import (
+    ADE20K_PALETTE,
+    Palette,
+    distinct_ade20k_colours,
+    prompt_for,
+)
 from guidedgen.sampler import GRADIENT_PATHS, GuidedControlNetSampler, predicted_x0
 from guidedgen.schedule import GuidanceSchedule
 

@@ -5,13 +5,12 @@ import csv
 import json
 
 import pytest
-import torch
+from conftest import tiny_loop_config
 
 from al.config import ConfigError, load_config
-from al.experiment import ExperimentConfig, run_experiment
+from al.experiment import ExperimentConfig
 from al.loop import ActiveLearningLoop, GroundTruthOracle, StateMismatchError
 from al.select import NotEnoughPixelsError
-from conftest import tiny_loop_config
 from scripts.active_learning import main as cli_main
 
 
@@ -108,7 +107,7 @@ def tiny_experiment_overrides(tmp_path):
 
 def test_cli_writes_curve_and_plots(tmp_path, capsys):
     assert cli_main(["--config", "configs/al_digits.yaml", *tiny_experiment_overrides(tmp_path)]) == 0
-    rows = list(csv.DictReader(open(tmp_path / "curve.csv")))
+    rows = list(csv.DictReader((tmp_path / "curve.csv").read_text().splitlines()))
     assert {(r["acquisition"], r["cycle"]) for r in rows} == {("balent", "0"), ("balent", "1"), ("random", "0"), ("random", "1")}
     assert {r["labelled_pixels"] for r in rows} == {"8", "16"}
     for name in ("curve.png", "uncertainty_maps.png", "summary.md"):

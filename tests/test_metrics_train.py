@@ -3,7 +3,13 @@ import torch.nn.functional as F
 
 from al.metrics import SegmentationScores, confusion_matrix, iou_per_class
 from al.models import build_segmenter
-from al.train import DenseTargetDataset, TrainConfig, evaluate, sparse_cross_entropy, train_segmenter
+from al.train import (
+    DenseTargetDataset,
+    TrainConfig,
+    evaluate,
+    sparse_cross_entropy,
+    train_segmenter,
+)
 
 
 def test_miou_on_a_hand_computed_case():
