@@ -118,9 +118,10 @@ def query_table(output_dir: Path, train_set: SegmentationDataset) -> str:
     """Markdown: what each acquisition queried per cycle, over seeds: the share of labels that
     fell on non-background classes and the number of distinct classes hit."""
     shares: dict = {}
+    shapes = train_set.image_shapes()
     for state_path in sorted((output_dir / "runs").glob("*/seed_*/state.json")):
         state = json.loads(state_path.read_text())
-        labels = SparseLabels(state_path.parent / "labels", train_set.image_shapes(), train_set.num_classes,
+        labels = SparseLabels(state_path.parent / "labels", shapes, train_set.num_classes,
                               train_set.ignore_index)
         for tag, classes in labels.classes_by_tag().items():
             values = np.array(classes)

@@ -177,6 +177,3 @@ class SparseLabels:
         return sum(
             1 for store in self._labels.values() for cls in store.values() if include_void or cls != self.void_index
         )
-
-    def __len__(self) -> int:
-        return self.count()

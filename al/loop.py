@@ -16,7 +16,7 @@ from typing import Optional, Protocol, Union
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from al.data.base import SegmentationDataset
@@ -199,7 +199,8 @@ class ActiveLearningLoop:
         # selection runs on CPU maps: its own CPU generator keeps runs reproducible on CUDA too
         rule_generator = _derived_generator(torch.device("cpu"), self.seed, self.acquisition, cycle, "select")
         pending = [i for i in self.train_set.ids if not self.labels.has_tag(i, tag)]
-        subset = [self.train_set[self.train_set.index_of(i)] for i in pending]
+        # a Subset streams images batch by batch instead of holding every pending image at once
+        subset = Subset(self.train_set, [self.train_set.index_of(i) for i in pending])
         loader = DataLoader(subset, batch_size=self.config.inference_batch_size, collate_fn=collate_samples)
         for batch in tqdm(loader, desc=f"acquire {self.acquisition}", disable=not self.progress, leave=False):
             probs = mc_probs(model, batch["image"].to(self.device), self.config.mc_samples, generator)

@@ -1,7 +1,5 @@
 """Shared fixtures: tiny seeded datasets and models, built in code (no files, no network)."""
 
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -9,15 +7,6 @@ import torch
 from al.data import ArrayDataset, DigitScenesConfig, digit_scenes
 from al.loop import LoopConfig, ModelConfig
 from al.train import TrainConfig
-
-
-def pytest_collection_modifyitems(config, items):
-    if os.environ.get("RUN_SLOW"):
-        return
-    skip = pytest.mark.skip(reason="slow; set RUN_SLOW=1 to run")
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)
