@@ -23,7 +23,7 @@ from al.data import LAYOUTS, DigitScenesConfig, digit_scenes, load_folder
 from al.data.base import SegmentationDataset
 from al.data.folder import atomic_write_bytes
 from al.labels import SparseLabels
-from al.loop import ActiveLearningLoop, LoopConfig
+from al.loop import ActiveLearningLoop, GroundTruthOracle, HumanOracle, LoopConfig
 from al.mc import mc_probs
 from al.models import Segmenter
 from al.plots import plot_learning_curves, plot_uncertainty_maps
@@ -32,6 +32,8 @@ from al.select import SELECTION_RULES
 from al.train import DenseTargetDataset, TrainConfig, evaluate, train_segmenter
 
 DATA_KINDS = ("digitscenes", "folder", "masks", *LAYOUTS)  # "masks": a folder of masks only (generation)
+ANNOTATORS = ("oracle", "human")
+DATA_CONFIG_NAME = "data.json"  # in each run folder: how scripts/annotate.py rebuilds the pool
 CURVE_FIELDS = ["acquisition", "seed", "cycle", "labelled_pixels", "labelled_percent", "miou"]
 
 
@@ -64,6 +66,8 @@ class ExperimentConfig:
     supervised_reference: bool = True
     uncertainty_map_images: int = 4
     device: str = "auto"  # "auto" = cuda if available, else cpu
+    # "oracle": the training masks answer queries; "human": a person answers in scripts/annotate.py
+    annotator: str = "oracle"
     progress: bool = True
     data: DataConfig = field(default_factory=DataConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
@@ -83,6 +87,9 @@ class ExperimentConfig:
                 f"one of {[k for k in DATA_KINDS if k != 'masks']} (active learning needs images)")
         require(self.data.kind == "digitscenes" or self.data.root is not None, "data.root", self.data.root,
                 f"the dataset folder (needed for data.kind={self.data.kind!r})")
+        require(self.annotator in ANNOTATORS, "annotator", self.annotator, f"one of {ANNOTATORS}")
+        require(self.annotator == "oracle" or not self.supervised_reference, "supervised_reference",
+                self.supervised_reference, "false with annotator=human (it reads every training mask)")
         require(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "device", self.device, "auto, cpu or cuda[:i]")
 
     def resolved_device(self) -> torch.device:
@@ -194,7 +201,8 @@ def uncertainty_maps(config: ExperimentConfig, val_set: SegmentationDataset, mod
 
 def run_experiment(config: ExperimentConfig) -> str:
     """Run (or resume) every acquisition x seed; write curve.csv, plots and a summary table.
-    Returns the markdown summary."""
+    Returns the markdown summary. With ``annotator=human`` it stops with
+    :class:`al.loop.AwaitingAnnotations` whenever queries wait for a person."""
     config.validate()
     output_dir, device = Path(config.output_dir), config.resolved_device()
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -205,8 +213,12 @@ def run_experiment(config: ExperimentConfig) -> str:
         references[f"fully supervised ({np.mean(values) * 100:.1f})"] = float(np.mean(values))
     for acquisition in config.acquisitions:
         for seed in config.seeds:
-            loop = ActiveLearningLoop(config.loop, acquisition, seed, train_set, val_set,
-                                      run_dir(output_dir, acquisition, seed), device=device, progress=config.progress)
+            state_dir = run_dir(output_dir, acquisition, seed)
+            state_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(state_dir / DATA_CONFIG_NAME, json.dumps(asdict(config.data), indent=2).encode())
+            oracle = HumanOracle(train_set.image_shapes()) if config.annotator == "human" else GroundTruthOracle(train_set)
+            loop = ActiveLearningLoop(config.loop, acquisition, seed, train_set, val_set, state_dir, oracle,
+                                      device=device, progress=config.progress)
             loop.run()
     rows = collect_curve(output_dir)
     write_curve_csv(rows, output_dir / "curve.csv")

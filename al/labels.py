@@ -64,8 +64,9 @@ class SparseLabels:
         self.num_classes = num_classes
         self.void_index = void_index
         self._labels: dict[str, dict[tuple[int, int], int]] = {}
+        self._label_tags: dict[str, dict[tuple[int, int], object]] = {}
         self._tags: dict[str, set] = {}
-        self._classes_by_tag: dict = {}
+        self._queries: dict = {}  # tag -> image id -> [(row, col)] in query order
         self.directory.mkdir(parents=True, exist_ok=True)
         self._replay()
 
@@ -86,7 +87,7 @@ class SparseLabels:
                     f"it is not the last line, so this is not a crash artefact. Restore the file "
                     f"from a backup or delete the damaged line by hand."
                 )
-            self._apply(record["image"], record["pixels"], record.get("tag"))
+            self._apply(record)
             good_bytes += len(line)
         if good_bytes < self.path.stat().st_size:
             with open(self.path, "r+b") as handle:
@@ -94,13 +95,38 @@ class SparseLabels:
                 handle.flush()
                 os.fsync(handle.fileno())
 
-    def _apply(self, image_id: str, pixels: list, tag) -> None:
+    def _apply(self, record: dict) -> None:
+        image_id, tag = record["image"], record.get("tag")
         store = self._labels.setdefault(image_id, {})
-        for row, col, cls in pixels:
+        tags = self._label_tags.setdefault(image_id, {})
+        for row, col, cls in record.get("pixels", ()):
             store[(row, col)] = cls
+            tags[(row, col)] = tag
+        for row, col in record.get("remove", ()):
+            store.pop((row, col), None)
+            tags.pop((row, col), None)
+        if "query" in record:
+            self._queries.setdefault(tag, {}).setdefault(image_id, []).extend(map(tuple, record["query"]))
         if tag is not None:
             self._tags.setdefault(image_id, set()).add(tag)
-            self._classes_by_tag.setdefault(tag, []).extend(cls for _, _, cls in pixels)
+
+    def _append(self, record: dict) -> None:
+        with open(self.path, "ab") as handle:
+            handle.write(_encode(record))
+            handle.flush()
+            os.fsync(handle.fileno())
+        self._apply(record)
+
+    def _coords(self, image_id: str, coords) -> np.ndarray:
+        if image_id not in self.image_shapes:
+            raise KeyError(f"unknown image id {image_id!r}: it is not in this label store's dataset")
+        height, width = self.image_shapes[image_id]
+        coords = np.asarray(torch.as_tensor(coords).cpu(), dtype=np.int64).reshape(-1, 2)
+        outside = coords[(coords[:, 0] < 0) | (coords[:, 0] >= height) | (coords[:, 1] < 0) | (coords[:, 1] >= width)]
+        if len(outside):
+            row, col = outside[0].tolist()
+            raise ValueError(f"pixel ({row}, {col}) is outside image {image_id!r} of size {height}x{width}")
+        return coords
 
     # -- public API ----------------------------------------------------------------------------
     def add(self, image_id: str, coords: Union[Tensor, np.ndarray, Iterable], classes: Union[Tensor, np.ndarray, Iterable], tag=None) -> int:
@@ -110,18 +136,13 @@ class SparseLabels:
         a different class is an error. Returns the number of newly labelled pixels; when it
         returns, they are on disk. ``tag`` (e.g. the AL cycle) is stored with the record.
         """
-        if image_id not in self.image_shapes:
-            raise KeyError(f"unknown image id {image_id!r}: it is not in this label store's dataset")
-        height, width = self.image_shapes[image_id]
-        coords = np.asarray(torch.as_tensor(coords).cpu(), dtype=np.int64).reshape(-1, 2)
+        coords = self._coords(image_id, coords)
         classes = np.asarray(torch.as_tensor(classes).cpu(), dtype=np.int64).reshape(-1)
         if len(coords) != len(classes):
             raise ValueError(f"{len(coords)} coordinates but {len(classes)} classes")
         existing = self._labels.get(image_id, {})
         new = []
         for (row, col), cls in zip(coords.tolist(), classes.tolist()):
-            if not (0 <= row < height and 0 <= col < width):
-                raise ValueError(f"pixel ({row}, {col}) is outside image {image_id!r} of size {height}x{width}")
             if not (0 <= cls < self.num_classes or cls == self.void_index):
                 raise ValueError(
                     f"class {cls} for image {image_id!r} is not a class id (0..{self.num_classes - 1}) "
@@ -132,17 +153,47 @@ class SparseLabels:
                 raise ValueError(f"pixel ({row}, {col}) of {image_id!r} is already labelled {held}, not {cls}")
             if held is None and (row, col, cls) not in new:
                 new.append((row, col, cls))
-        if not new and tag is None:
+        if not new and (tag is None or self.has_tag(image_id, tag)):
             return 0
         record = {"image": image_id, "pixels": [list(p) for p in new]}
         if tag is not None:
             record["tag"] = tag
-        with open(self.path, "ab") as handle:
-            handle.write(_encode(record))
-            handle.flush()
-            os.fsync(handle.fileno())
-        self._apply(image_id, record["pixels"], tag)
+        self._append(record)
         return len(new)
+
+    def query(self, image_id: str, coords: Union[Tensor, np.ndarray, Iterable], tag) -> None:
+        """Record that pixels ``coords [n, 2]`` of ``image_id`` are asked under ``tag`` (an AL
+        cycle). They stay :meth:`pending` until labelled; ``has_tag`` is true from now on, so a
+        resumed loop does not ask again."""
+        coords = self._coords(image_id, coords)
+        self._append({"image": image_id, "query": coords.tolist(), "tag": tag})
+
+    def remove(self, image_id: str, coords: Union[Tensor, np.ndarray, Iterable]) -> int:
+        """Undo the labels of pixels ``coords [n, 2]``; a queried pixel becomes pending again.
+        Pixels that hold no label are skipped (so a repeated undo is harmless). Returns the number
+        of labels removed."""
+        coords = self._coords(image_id, coords)
+        held = [p for p in dict.fromkeys(map(tuple, coords.tolist())) if p in self._labels.get(image_id, {})]
+        if held:
+            self._append({"image": image_id, "remove": [list(p) for p in held]})
+        return len(held)
+
+    def queried(self, image_id: str, tag) -> list[tuple[int, int]]:
+        """Pixels of ``image_id`` queried under ``tag``, in query order."""
+        return list(dict.fromkeys(self._queries.get(tag, {}).get(image_id, ())))
+
+    def pending(self, image_id: str, tag) -> list[tuple[int, int]]:
+        """Pixels queried under ``tag`` that hold no label yet."""
+        store = self._labels.get(image_id, {})
+        return [p for p in self.queried(image_id, tag) if p not in store]
+
+    def query_tags(self) -> list:
+        """Tags under which queries were recorded, in first-seen order."""
+        return list(self._queries)
+
+    def query_images(self, tag) -> list[str]:
+        """Image ids with queries under ``tag``, in first-seen order."""
+        return list(self._queries.get(tag, {}))
 
     def has_tag(self, image_id: str, tag) -> bool:
         """Whether a record with ``tag`` was acknowledged for ``image_id`` (resume bookkeeping)."""
@@ -150,7 +201,12 @@ class SparseLabels:
 
     def classes_by_tag(self) -> dict:
         """``{tag: [class of every pixel labelled under it]}`` (e.g. what each AL cycle queried)."""
-        return {tag: list(classes) for tag, classes in self._classes_by_tag.items()}
+        result: dict = {}
+        for image_id, tags in self._label_tags.items():
+            for pixel, tag in tags.items():
+                if tag is not None:
+                    result.setdefault(tag, []).append(self._labels[image_id][pixel])
+        return result
 
     def pixels(self, image_id: str) -> dict[tuple[int, int], int]:
         """``{(row, col): class}`` of one image (a copy)."""

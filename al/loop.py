@@ -84,8 +84,31 @@ class Oracle(Protocol):
     def void_mask(self, image_id: str) -> Tensor:
         """BoolTensor[H, W] of pixels known to be unlabellable before asking."""
 
-    def __call__(self, image_id: str, coords: Tensor) -> Tensor:
-        """Classes ``[n]`` of pixels ``coords [n, 2]`` (row, col)."""
+    def __call__(self, image_id: str, coords: Tensor) -> Optional[Tensor]:
+        """Classes ``[n]`` of pixels ``coords [n, 2]`` (row, col), or None when the answers
+        arrive later (a person answers through ``scripts/annotate.py``)."""
+
+
+class AwaitingAnnotations(RuntimeError):
+    """Queries are journaled and wait for a person; re-run the loop once they are answered."""
+
+    def __init__(self, state_dir: Path, tag: str, pending: int):
+        super().__init__(f"{pending} queried pixels of {tag!r} wait for an annotator: run "
+                         f"`python scripts/annotate.py --state {state_dir}`, answer them, then re-run this command")
+        self.state_dir, self.tag, self.pending = state_dir, tag, pending
+
+
+class HumanOracle:
+    """A person answers later, in the annotation page: nothing is known before asking."""
+
+    def __init__(self, shapes: dict[str, tuple[int, int]]):
+        self.shapes = shapes
+
+    def void_mask(self, image_id: str) -> Tensor:
+        return torch.zeros(self.shapes[image_id], dtype=torch.bool)
+
+    def __call__(self, image_id: str, coords: Tensor) -> None:
+        return None
 
 
 class GroundTruthOracle:
@@ -161,8 +184,8 @@ class ActiveLearningLoop:
         atomic_write_bytes(self.state_path, json.dumps(state, indent=2).encode())
 
     # -- steps -------------------------------------------------------------------------------
-    def _label(self, tag: str, choose, image_ids) -> None:
-        """For each image not yet labelled under ``tag``: coords = choose(image_id, available)."""
+    def _query(self, tag: str, choose, image_ids) -> None:
+        """For each image not yet queried under ``tag``: journal the query coords = choose(image_id, available)."""
         for image_id in image_ids:
             if self.labels.has_tag(image_id, tag):
                 continue
@@ -171,7 +194,22 @@ class ActiveLearningLoop:
                 coords = choose(image_id, available)
             except NotEnoughPixelsError as error:
                 raise NotEnoughPixelsError(f"image {image_id!r}: {error}") from None
-            self.labels.add(image_id, coords, self.oracle(image_id, coords), tag=tag)
+            self.labels.query(image_id, coords, tag)
+
+    def _answer(self, tag: str) -> None:
+        """Ask the oracle for every pending query of ``tag``. A simulated oracle answers at once;
+        with a person, the queries wait (:class:`AwaitingAnnotations`) until the annotation
+        page has answered them. Both go through this one path."""
+        for image_id in self.labels.query_images(tag):
+            pending = self.labels.pending(image_id, tag)
+            if pending:
+                answers = self.oracle(image_id, torch.tensor(pending))
+                if answers is not None:
+                    self.labels.add(image_id, pending, answers, tag=tag)
+        waiting = sum(len(self.labels.pending(i, tag)) for i in self.labels.query_images(tag))
+        if waiting:
+            self._save_state()
+            raise AwaitingAnnotations(self.state_dir, tag, waiting)
 
     def initial_labels(self) -> None:
         """n random pixels per image; they depend on the seed only, so every acquisition of a
@@ -182,7 +220,7 @@ class ActiveLearningLoop:
         def choose(image_id: str, available: Tensor) -> Tensor:
             return top_n(torch.rand(available.shape, generator=generator), available, n)
 
-        self._label("initial", choose, self.train_set.ids)
+        self._query("initial", choose, self.train_set.ids)
 
     def train_model(self, cycle: int) -> Segmenter:
         torch.manual_seed(self.seed)  # same initial weights every cycle
@@ -210,11 +248,13 @@ class ActiveLearningLoop:
             def choose(image_id: str, available: Tensor) -> Tensor:
                 return self.rule(by_id[image_id], available, self.config.pixels_per_image, rule_generator)
 
-            self._label(tag, choose, batch["id"])
+            self._query(tag, choose, batch["id"])
 
     def run(self) -> list[CycleRecord]:
-        """Run (or resume) all cycles; returns one record per cycle (cycles + 1 evaluations)."""
+        """Run (or resume) all cycles; returns one record per cycle (cycles + 1 evaluations).
+        Raises :class:`AwaitingAnnotations` when queries wait for a person."""
         self.initial_labels()
+        self._answer("initial")
         model_dir = self.state_dir / "model"
         for cycle in tqdm(range(self.config.cycles + 1), desc=f"{self.acquisition} seed {self.seed}",
                           disable=not self.progress):
@@ -232,6 +272,7 @@ class ActiveLearningLoop:
                 self._save_state()
             if cycle < self.config.cycles:
                 self.acquire(model, cycle)
+                self._answer(f"cycle{cycle}")
             self.records[cycle].acquired = True
             self._save_state()
         return self.records

@@ -11,7 +11,7 @@ import sys
 from al.config import ConfigError, cli_parser, load_config
 from al.data.base import DatasetError
 from al.experiment import ExperimentConfig, run_experiment
-from al.loop import StateMismatchError
+from al.loop import AwaitingAnnotations, StateMismatchError
 from al.select import NotEnoughPixelsError
 
 
@@ -20,6 +20,9 @@ def main(argv=None) -> int:
     try:
         config = load_config(ExperimentConfig, args.config, args.overrides)
         summary = run_experiment(config)
+    except AwaitingAnnotations as waiting:
+        print(f"waiting: {waiting}")
+        return 0
     except (ConfigError, DatasetError, StateMismatchError, NotEnoughPixelsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

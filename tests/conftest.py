@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 import torch
 
+from al.config import load_config
 from al.data import ArrayDataset, DigitScenesConfig, digit_scenes
-from al.loop import LoopConfig, ModelConfig
+from al.experiment import ExperimentConfig, run_dir, run_experiment
+from al.loop import AwaitingAnnotations, LoopConfig, ModelConfig
 from al.train import TrainConfig
 
 
@@ -63,3 +65,28 @@ def guiding_segmenters(tiny_digits):
         train_segmenter(model, DenseTargetDataset(train), TrainConfig(epochs=6, batch_size=2, lr=3e-3, seed=seed), progress=False)
         models.append(model.eval())
     return models
+
+
+def tiny_experiment_overrides(tmp_path):
+    return [
+        f"output_dir={tmp_path}", "acquisitions=[balent,random]", "seeds=[0]", "progress=false",
+        "data.num_train_images=4", "data.num_val_images=2", "data.size=32", "uncertainty_map_images=2",
+        "loop.cycles=1", "loop.pixels_per_image=2", "loop.mc_samples=3", "loop.train.epochs=1",
+        "loop.model.encoder_depth=3", "loop.model.decoder_channels=[16,8,8]", "loop.model.encoder=tu-resnet10t",
+        "loop.model.encoder_weights=null",
+    ]
+
+
+def human_config(tmp_path, **extra):
+    overrides = tiny_experiment_overrides(tmp_path) + ["acquisitions=[entropy]", "annotator=human",
+                                                      "supervised_reference=false"]
+    return load_config(ExperimentConfig, "configs/al_digits.yaml", overrides + [f"{k}={v}" for k, v in extra.items()])
+
+
+@pytest.fixture
+def waiting_run(tmp_path):
+    """A human-mode run stopped at its initial queries; returns its run folder."""
+    config = human_config(tmp_path)
+    with pytest.raises(AwaitingAnnotations, match="queried pixels of 'initial' wait"):
+        run_experiment(config)
+    return run_dir(tmp_path, "entropy", 0)

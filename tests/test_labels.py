@@ -112,3 +112,24 @@ def test_classes_by_tag_survive_reload(tmp_path):
     labels.add("b", [[0, 0]], [0], tag="cycle0")
     labels.add("b", [[2, 2]], [1], tag="cycle1")
     assert store(tmp_path).classes_by_tag() == {"cycle0": [1, 2, 0], "cycle1": [1]}
+
+
+def test_queries_pending_and_undo_survive_reload(tmp_path):
+    labels = store(tmp_path)
+    labels.query("a", [[0, 0], [1, 1], [2, 2]], "cycle0")
+    assert labels.has_tag("a", "cycle0") and labels.pending("a", "cycle0") == [(0, 0), (1, 1), (2, 2)]
+    labels.add("a", [[1, 1]], [2], tag="cycle0")
+    labels.add("a", [[0, 0]], [1], tag="cycle0")
+    assert labels.remove("a", [[0, 0], [3, 3]]) == 1  # an unlabelled pixel is skipped
+    assert labels.remove("a", [[0, 0]]) == 0  # a repeated undo changes nothing
+    again = store(tmp_path)
+    assert again.pending("a", "cycle0") == [(0, 0), (2, 2)]
+    assert again.pixels("a") == {(1, 1): 2} and again.classes_by_tag() == {"cycle0": [2]}
+    assert again.query_tags() == ["cycle0"] and again.query_images("cycle0") == ["a"]
+    again.add("a", [[0, 0]], [0], tag="cycle0")  # after undo the pixel may take another class
+    assert store(tmp_path).pixels("a") == {(1, 1): 2, (0, 0): 0}
+
+
+def test_query_outside_the_image_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"pixel \(9, 0\) is outside image 'a'"):
+        store(tmp_path).query("a", [[9, 0]], "initial")
