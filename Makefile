@@ -28,6 +28,7 @@ al-demo: $(STAMP)
 	$(PY) scripts/active_learning.py --config configs/al_demo.yaml
 
 test: $(STAMP)
+	@command -v chromium >/dev/null 2>&1 || echo "note: no chromium, so the browser test of the annotation page is skipped; get it with: sudo apt-get install -y chromium"
 	$(PY) -m pytest -q
 
 clean:

@@ -1,0 +1,55 @@
+"""Answer an active-learning run's queried pixels in the browser.
+
+    python scripts/annotate.py --state outputs/al_human/runs/balent/seed_0 [--port 8765]
+    python scripts/annotate.py --state ... --export-labelstudio DIR    # tasks.json + config + images
+    python scripts/annotate.py --state ... --import-labelstudio FILE   # Label Studio's JSON export
+
+Prints a URL with a random access token; open it, answer, then re-run scripts/active_learning.py
+with the same config to train on the answers and continue the loop. Binds to 127.0.0.1 unless
+--host says otherwise.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import uvicorn
+
+from al.annotate.app import create_app
+from al.annotate.labelstudio import export_tasks, import_annotations
+from al.annotate.session import AnnotationSession
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--state", required=True, type=Path, help="a run folder: <output_dir>/runs/<acquisition>/seed_<s>")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--token", help="access token (default: a fresh random one)")
+    parser.add_argument("--export-labelstudio", type=Path, metavar="DIR", help="write Label Studio tasks and exit")
+    parser.add_argument("--import-labelstudio", type=Path, metavar="FILE", help="import a Label Studio export and exit")
+    args = parser.parse_args(argv)
+    try:
+        session = AnnotationSession(args.state)
+        if args.export_labelstudio:
+            path = export_tasks(session, args.export_labelstudio)
+            print(f"wrote {path} and {args.export_labelstudio / 'labelling_config.xml'}; serve "
+                  f"{args.export_labelstudio} as Label Studio local files storage")
+            return 0
+        if args.import_labelstudio:
+            print(f"imported: {import_annotations(session, args.import_labelstudio)}; progress: "
+                  f"{session.progress()['answered']}/{session.progress()['total']}")
+            return 0
+    except (FileNotFoundError, KeyError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    app = create_app(session, args.token)
+    progress = session.progress()
+    print(f"{progress['total'] - progress['answered']} of {progress['total']} queries of {progress['tag']} pending")
+    print(f"open http://{args.host}:{args.port}/?token={app.state.token}", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

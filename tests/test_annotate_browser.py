@@ -1,0 +1,93 @@
+"""End to end in a real headless browser (Debian's chromium driven by Playwright): label three
+queried pixels by clicks and keys, undo one, reload, and find exactly two answers on disk."""
+
+import os
+import shutil
+import socket
+import threading
+import time
+
+import pytest
+import uvicorn
+
+from al.annotate.app import create_app
+from al.annotate.session import AnnotationSession
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+HOW_TO_GET_IT = ("the browser test needs Debian's chromium at /usr/bin/chromium (`apt-get install -y chromium`, "
+                 "which .ci/run does) and the playwright package (`make test` installs it)")
+# Flags that keep Chromium off this machine's closed network and working as root in a sandbox.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+def _browser_or_skip():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright = None
+    if sync_playwright is None or not shutil.which(CHROMIUM):
+        if os.environ.get("GUIDEDGEN_REQUIRE_BROWSER") == "1":
+            pytest.fail(HOW_TO_GET_IT)
+        pytest.skip(HOW_TO_GET_IT)
+    return sync_playwright
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def server(waiting_run):
+    app = create_app(AnnotationSession(waiting_run), "browser-token")
+    port = _free_port()
+    uvicorn_server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uvicorn_server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not uvicorn_server.started:
+        assert time.monotonic() < deadline, "the annotation server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}/?token=browser-token"
+    uvicorn_server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_label_three_undo_one_reload(server, waiting_run, tmp_path):
+    sync_playwright = _browser_or_skip()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 720})
+            page.goto(server)
+            page.wait_for_selector("body[data-ready=true]")
+            counts = page.locator("#counts")
+            assert counts.inner_text() == "0 / 8 answered"
+            # 1: pick class 2 with a click, click the first pending marker
+            page.click("#palette button[data-class-id='2']")
+            first = page.locator(".marker:not(.answered)").first
+            first_pixel = (int(first.get_attribute("data-row")), int(first.get_attribute("data-col")))
+            first.click()
+            page.wait_for_function("document.querySelector('#counts').textContent.startsWith('1 /')")
+            # 2: number key 5, Enter labels the highlighted marker
+            page.keyboard.press("5")
+            page.keyboard.press("Enter")
+            page.wait_for_function("document.querySelector('#counts').textContent.startsWith('2 /')")
+            # 3: "unsure", then undo it
+            page.keyboard.press("u")
+            page.wait_for_function("document.querySelector('#counts').textContent.startsWith('3 /')")
+            page.keyboard.press("z")
+            page.wait_for_function("document.querySelector('#counts').textContent.startsWith('2 /')")
+            page.reload()
+            page.wait_for_selector("body[data-ready=true]")
+            assert counts.inner_text() == "2 / 8 answered"
+            page.screenshot(path=str(tmp_path / "annotate.png"))
+        finally:
+            browser.close()
+    assert (tmp_path / "annotate.png").stat().st_size > 10_000
+    session = AnnotationSession(waiting_run)
+    answers = {(i, p): c for i in session.shapes for p, c in session.labels.pixels(i).items()}
+    assert len(answers) == 2 and sorted(answers.values()) == [2, 5]
+    assert any(pixel == first_pixel and cls == 2 for (_, pixel), cls in answers.items())
