@@ -1,0 +1,135 @@
+"""Label Studio round trip: a cycle's queries out as tasks, the completed annotations back in.
+
+Each task carries one image and its queried pixels as *pre-annotated keypoints* labelled
+``query``; the annotator relabels each point with a class (or ``unsure``). The labelling config
+lists the classes. On import, a point is matched to its query by the region id the export gave
+it (``q<row>_<col>``), or else by its position, and its label goes into ``SparseLabels``.
+Importing twice changes nothing.
+
+Label Studio keypoints are in percent of the image size, measured to the point itself; we put a
+pixel's point at its centre, ``(col + 0.5) / W * 100``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Union
+from xml.sax.saxutils import quoteattr
+
+from al.annotate.session import AnnotationSession
+
+QUERY_LABEL = "query"
+UNSURE_LABEL = "unsure"
+FROM_NAME, TO_NAME = "class", "image"
+# Label Studio's local-files storage serves <document root>/<d>; point it at the export folder.
+DEFAULT_IMAGE_URL = "/data/local-files/?d=images/{file}"
+
+
+class LabelStudioImportError(ValueError):
+    """An annotation that cannot be imported; the message names the task and the fix."""
+
+
+def labelling_config(session: AnnotationSession) -> str:
+    """The Label Studio labelling config (XML): the image plus one keypoint label per class."""
+    labels = [f'    <Label value="{QUERY_LABEL}" background="#ffd400"/>']
+    labels += [f"    <Label value={quoteattr(c['name'])} background={quoteattr(c['colour'])}/>" for c in session.classes_info()]
+    labels.append(f'    <Label value="{UNSURE_LABEL}" background="#777777"/>')
+    return "\n".join([
+        "<View>",
+        f'  <Image name="{TO_NAME}" value="$image" zoom="true" zoomControl="true"/>',
+        f'  <KeyPointLabels name="{FROM_NAME}" toName="{TO_NAME}" smart="false">',
+        *labels,
+        "  </KeyPointLabels>",
+        "</View>",
+    ]) + "\n"
+
+
+def export_tasks(session: AnnotationSession, directory: Union[str, Path], image_url: str = DEFAULT_IMAGE_URL,
+                 only_pending: bool = True) -> Path:
+    """Write ``tasks.json``, ``labelling_config.xml`` and ``images/<id>.png`` for the open tag.
+    Returns the tasks file."""
+    directory = Path(directory)
+    (directory / "images").mkdir(parents=True, exist_ok=True)
+    tag, tasks = session.tag, []
+    for item in session.progress()["images"]:
+        if only_pending and item["pending"] == 0:
+            continue
+        info = session.image_info(item["id"])
+        file = f"{len(tasks):06d}.png"  # never the id itself: ids may hold characters paths must not
+        (directory / "images" / file).write_bytes(session.image_png(item["id"]))
+        points = [q for q in info["queries"] if not only_pending or q["class_id"] is None]
+        tasks.append({
+            "data": {"image": image_url.format(file=file), "image_id": item["id"], "tag": tag},
+            "predictions": [{"model_version": f"al-queries-{tag}", "result": [
+                {"id": f"q{q['row']}_{q['col']}", "from_name": FROM_NAME, "to_name": TO_NAME, "type": "keypointlabels",
+                 "original_width": info["width"], "original_height": info["height"], "image_rotation": 0,
+                 "value": {"x": (q["col"] + 0.5) / info["width"] * 100, "y": (q["row"] + 0.5) / info["height"] * 100,
+                           "width": 0.5, "keypointlabels": [QUERY_LABEL]}}
+                for q in points]}],
+        })
+    (directory / "labelling_config.xml").write_text(labelling_config(session))
+    path = directory / "tasks.json"
+    path.write_text(json.dumps(tasks, indent=1))
+    return path
+
+
+def _pixel(result: dict, height: int, width: int) -> tuple[int, int]:
+    region = str(result.get("id", ""))
+    if region.startswith("q") and "_" in region:
+        try:
+            row, col = (int(v) for v in region[1:].split("_"))
+            value = result["value"]
+            moved = abs((col + 0.5) / width * 100 - value["x"]) > 100 / width or \
+                abs((row + 0.5) / height * 100 - value["y"]) > 100 / height
+            if not moved:
+                return row, col
+        except (ValueError, KeyError):
+            pass
+    value = result["value"]
+    col = min(max(math.floor(value["x"] / 100 * width), 0), width - 1)
+    row = min(max(math.floor(value["y"] / 100 * height), 0), height - 1)
+    return row, col
+
+
+def import_annotations(session: AnnotationSession, export: Union[str, Path, list]) -> dict:
+    """Read a Label Studio JSON export and answer the open tag's queries with it.
+
+    Per task the most recent annotation that was not cancelled counts. Points still labelled
+    ``query`` are unanswered and skipped; ``unsure`` becomes void. A point that is not one of
+    the tag's queries is refused (the loop asked about other pixels). Returns counts.
+    """
+    tasks = json.loads(Path(export).read_text()) if not isinstance(export, list) else export
+    by_name = {name: i for i, name in enumerate(session.classes)}
+    counts = {"answered": 0, "unanswered": 0, "tasks_without_annotation": 0}
+    for number, task in enumerate(tasks, start=1):
+        where = f"task {task.get('id', number)}"
+        image_id = task.get("data", {}).get("image_id")
+        if image_id not in session.shapes:
+            raise LabelStudioImportError(f"{where}: data.image_id {image_id!r} is not an image of this run; "
+                                         f"import the export of this run's tasks")
+        annotations = [a for a in task.get("annotations", []) if not a.get("was_cancelled")]
+        if not annotations:
+            counts["tasks_without_annotation"] += 1
+            continue
+        latest = max(annotations, key=lambda a: (a.get("updated_at") or a.get("created_at") or "", a.get("id", 0)))
+        height, width = session.shapes[image_id]
+        for result in latest.get("result", []):
+            if result.get("type") != "keypointlabels":
+                continue
+            names = result["value"].get("keypointlabels") or [QUERY_LABEL]
+            name = names[0]
+            if name == QUERY_LABEL:
+                counts["unanswered"] += 1
+                continue
+            if name != UNSURE_LABEL and name not in by_name:
+                raise LabelStudioImportError(f"{where}: label {name!r} is not a class of this run "
+                                             f"({', '.join(session.classes)}, or {UNSURE_LABEL!r}); fix the labelling config")
+            row, col = _pixel(result, height, width)
+            try:
+                session.answer(image_id, row, col, None if name == UNSURE_LABEL else by_name[name])
+            except ValueError as error:
+                raise LabelStudioImportError(f"{where}: {error}") from None
+            counts["answered"] += 1
+    return counts

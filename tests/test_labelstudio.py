@@ -1,0 +1,86 @@
+"""Label Studio round trip: export a cycle's queries as tasks, import a completed export."""
+
+import json
+import xml.etree.ElementTree as ElementTree
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from al.annotate.labelstudio import LabelStudioImportError, export_tasks, import_annotations
+from al.annotate.session import AnnotationSession
+from al.experiment import DATA_CONFIG_NAME, DataConfig
+from al.labels import SparseLabels
+
+FIXTURE = Path(__file__).parent / "fixtures" / "labelstudio_export.json"
+QUERIES = {"train_0_000000": [(1, 5), (20, 30)], "train_0_000001": [(0, 0), (31, 31)], "train_0_000002": [(10, 10)]}
+
+
+@pytest.fixture
+def hand_made_run(tmp_path):
+    """A run folder whose initial queries are the fixture's pixels."""
+    data = DataConfig(num_train_images=3, num_val_images=1, size=32)
+    (tmp_path / DATA_CONFIG_NAME).write_text(json.dumps(asdict(data)))
+    pool = data.build("train")
+    labels = SparseLabels(tmp_path / "labels", pool.image_shapes(), pool.num_classes, pool.ignore_index)
+    for image_id, pixels in QUERIES.items():
+        labels.query(image_id, pixels, "initial")
+    return tmp_path
+
+
+def completed(tasks, answer):
+    """What Label Studio exports after an annotator relabelled every pre-annotated point."""
+    done = []
+    for number, task in enumerate(tasks, start=1):
+        results = []
+        for result in task["predictions"][0]["result"]:
+            row, col = (int(v) for v in result["id"][1:].split("_"))
+            value = dict(result["value"], keypointlabels=[answer(task["data"]["image_id"], row, col)])
+            results.append(dict(result, value=value, origin="prediction-changed"))
+        done.append({"id": number, "data": task["data"], "annotations": [
+            {"id": number, "was_cancelled": False, "result": results, "updated_at": "2026-11-22T03:00:00Z"}]})
+    return done
+
+
+def test_fixture_export_imports_the_latest_uncancelled_answers(hand_made_run):
+    session = AnnotationSession(hand_made_run)
+    counts = import_annotations(session, FIXTURE)
+    assert counts == {"answered": 3, "unanswered": 1, "tasks_without_annotation": 1}
+    void = session.void_index
+    on_disk = AnnotationSession(hand_made_run).labels
+    assert on_disk.pixels("train_0_000000") == {(1, 5): 4, (20, 30): void}  # "three"; unsure found by position
+    assert on_disk.pixels("train_0_000001") == {(0, 0): 3}  # the newer "two", not "one" nor the cancelled "nine"
+    assert on_disk.pixels("train_0_000002") == {}
+    assert import_annotations(AnnotationSession(hand_made_run), FIXTURE)["answered"] == 3  # again: no change
+    assert AnnotationSession(hand_made_run).labels.count() == 3
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda t: t[0]["annotations"][0]["result"][0]["value"].update(keypointlabels=["ten"]), "label 'ten' is not a class"),
+    (lambda t: t[0]["data"].update(image_id="../secret"), "not an image of this run"),
+    (lambda t: t[0]["annotations"][0]["result"][0].update(id="moved", value={"x": 50.0, "y": 50.0,
+                                                                             "keypointlabels": ["one"]}), "not a query"),
+])
+def test_bad_exports_name_the_task(hand_made_run, edit, message):
+    tasks = json.loads(FIXTURE.read_text())
+    edit(tasks)
+    with pytest.raises(LabelStudioImportError, match=f"task 101: .*{message}"):
+        import_annotations(AnnotationSession(hand_made_run), tasks)
+
+
+def test_round_trip_answers_every_query_with_the_annotators_classes(waiting_run, tmp_path):
+    session = AnnotationSession(waiting_run)
+    tasks_path = export_tasks(session, tmp_path / "ls")
+    tasks = json.loads(tasks_path.read_text())
+    assert len(tasks) == 4 and all(len(t["predictions"][0]["result"]) == 2 for t in tasks)
+    assert all((tmp_path / "ls" / "images" / t["data"]["image"].rsplit("/", 1)[1]).is_file() for t in tasks)
+    config = ElementTree.fromstring((tmp_path / "ls" / "labelling_config.xml").read_text())
+    names = [label.get("value") for label in config.iter("Label")]
+    assert names == ["query", *session.classes, "unsure"]
+    pool = session.dataset
+    truth = lambda image_id, row, col: session.classes[int(pool[pool.index_of(image_id)].mask[row, col])]
+    counts = import_annotations(session, completed(tasks, truth))
+    assert counts["answered"] == 8 and session.progress()["answered"] == 8
+    for image_id in pool.ids:
+        mask = pool[pool.index_of(image_id)].mask
+        assert all(mask[r, c] == cls for (r, c), cls in session.labels.pixels(image_id).items())
