@@ -6,6 +6,7 @@ import shutil
 import socket
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import uvicorn
@@ -87,6 +88,8 @@ def test_label_three_undo_one_reload(server, waiting_run, tmp_path):
         finally:
             browser.close()
     assert (tmp_path / "annotate.png").stat().st_size > 10_000
+    if os.environ.get("UPDATE_DOCS_SCREENSHOT") == "1":  # refresh the README's picture
+        shutil.copy(tmp_path / "annotate.png", Path(__file__).parents[1] / "docs" / "annotate.png")
     session = AnnotationSession(waiting_run)
     answers = {(i, p): c for i in session.shapes for p, c in session.labels.pixels(i).items()}
     assert len(answers) == 2 and sorted(answers.values()) == [2, 5]
