@@ -87,6 +87,10 @@ class ExperimentConfig:
                 f"one of {[k for k in DATA_KINDS if k != 'masks']} (active learning needs images)")
         require(self.data.kind == "digitscenes" or self.data.root is not None, "data.root", self.data.root,
                 f"the dataset folder (needed for data.kind={self.data.kind!r})")
+        require(0.0 < self.loop.synthetic.share < 1.0, "loop.synthetic.share", self.loop.synthetic.share,
+                "a number in (0, 1): the expected fraction of each batch drawn from the synthetic pairs")
+        require(self.loop.synthetic.root is None or Path(self.loop.synthetic.root, "dataset.json").is_file(),
+                "loop.synthetic.root", self.loop.synthetic.root, "a folder written by scripts/generate.py")
         require(self.annotator in ANNOTATORS, "annotator", self.annotator, f"one of {ANNOTATORS}")
         require(self.annotator == "oracle" or not self.supervised_reference, "supervised_reference",
                 self.supervised_reference, "false with annotator=human (it reads every training mask)")

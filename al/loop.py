@@ -19,16 +19,18 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from al.data.base import SegmentationDataset
-from al.data.folder import atomic_write_bytes
+from al.data.base import DatasetError, SegmentationDataset
+from al.data.folder import atomic_write_bytes, load_folder
 from al.labels import SparseLabels
 from al.mc import mc_probs
 from al.models import Segmenter, build_segmenter
 from al.scores import get_score
 from al.select import NotEnoughPixelsError, get_rule, top_n
 from al.train import (
+    DenseTargetDataset,
     SparseTargetDataset,
     TrainConfig,
+    TrainingSource,
     collate_samples,
     evaluate,
     train_segmenter,
@@ -53,6 +55,24 @@ class ModelConfig:
 
 
 @dataclass
+class SyntheticConfig:
+    """Dense synthetic pairs (a ``guidedgen`` output folder) added to every cycle's training."""
+
+    root: Optional[str] = None  # None = real sparse labels only
+    share: float = 0.5  # expected fraction of each batch drawn from the synthetic pairs
+    loss_weight: float = 1.0
+
+    def source(self, classes: list[str]) -> Optional[TrainingSource]:
+        if self.root is None:
+            return None
+        dataset = load_folder(self.root)
+        if list(dataset.classes) != list(classes):
+            raise DatasetError(f"{self.root}: synthetic classes {list(dataset.classes)} differ from the real ones "
+                               f"{list(classes)}; generate from masks of the same dataset")
+        return TrainingSource(DenseTargetDataset(dataset), self.share, self.loss_weight, "synthetic")
+
+
+@dataclass
 class LoopConfig:
     """Settings shared by the runs of an experiment; a run adds (acquisition, seed)."""
 
@@ -63,9 +83,13 @@ class LoopConfig:
     inference_batch_size: int = 32
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def fingerprint(self, acquisition: str, seed: int) -> str:
-        identity = {"acquisition": acquisition, "seed": seed, **asdict(self)}
+        values = asdict(self)
+        if self.synthetic.root is None:  # runs without synthetic data keep their earlier fingerprint
+            values.pop("synthetic")
+        identity = {"acquisition": acquisition, "seed": seed, **values}
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -164,6 +188,7 @@ class ActiveLearningLoop:
         self.shapes = train_set.image_shapes()
         self.total_pixels = sum(h * w for h, w in self.shapes.values())
         self.labels = SparseLabels(self.state_dir / "labels", self.shapes, train_set.num_classes, train_set.ignore_index)
+        self.synthetic = config.synthetic.source(list(train_set.classes))
 
     # -- state -------------------------------------------------------------------------------
     def _load_state(self) -> list[CycleRecord]:
@@ -226,8 +251,11 @@ class ActiveLearningLoop:
         torch.manual_seed(self.seed)  # same initial weights every cycle
         model = self.config.model.build(self.train_set.num_classes).to(self.device)
         train_config = TrainConfig(**{**asdict(self.config.train), "seed": self.seed * 1000 + cycle})
-        dataset = SparseTargetDataset(self.train_set, self.labels, self.train_set.ignore_index)
-        train_segmenter(model, dataset, train_config, self.train_set.ignore_index, progress=self.progress)
+        sources = [TrainingSource(SparseTargetDataset(self.train_set, self.labels, self.train_set.ignore_index),
+                                  1.0 - self.config.synthetic.share if self.synthetic else 1.0)]
+        if self.synthetic is not None:
+            sources.append(self.synthetic)
+        train_segmenter(model, sources, train_config, self.train_set.ignore_index, progress=self.progress)
         return model
 
     def acquire(self, model: Segmenter, cycle: int) -> None:

@@ -1,16 +1,17 @@
 """Training a segmenter on sparse pixel labels (cross-entropy with ignore_index) with accelerate,
-and evaluating it on a dense validation set."""
+optionally mixed with other sources (dense synthetic pairs), and evaluating it on a dense
+validation set."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, WeightedRandomSampler
 from tqdm.auto import tqdm
 
 from al.data.base import Sample, SegmentationDataset
@@ -62,6 +63,57 @@ class DenseTargetDataset(Dataset):
         return {"image": sample.image, "target": sample.mask}
 
 
+@dataclass
+class TrainingSource:
+    """One source of ``{"image", "target"}`` items in a mixed run: the expected ``share`` of
+    each batch it supplies, and the weight of its loss term."""
+
+    dataset: Dataset
+    share: float = 1.0
+    loss_weight: float = 1.0
+    name: str = "real"
+
+
+class _Tagged(Dataset):
+    def __init__(self, dataset: Dataset, source: int):
+        self.dataset, self.source = dataset, source
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        return {**self.dataset[index], "source": self.source}
+
+
+def _mixed_loader(sources: Sequence[TrainingSource], batch_size: int, generator: torch.Generator) -> DataLoader:
+    """Batches drawn with replacement so source s fills ``share_s`` of them in expectation; one
+    epoch shows the first source's size / share items (its images once each, on average)."""
+    for source in sources:
+        if source.share <= 0 or len(source.dataset) == 0:
+            raise ValueError(f"training source {source.name!r}: share must be > 0 and the dataset non-empty")
+    total_share = sum(s.share for s in sources)
+    weights = torch.cat([torch.full((len(s.dataset),), s.share / total_share / len(s.dataset), dtype=torch.float64)
+                         for s in sources])
+    epoch = max(1, round(len(sources[0].dataset) * total_share / sources[0].share))
+    sampler = WeightedRandomSampler(weights, epoch, replacement=True, generator=generator)
+    dataset = ConcatDataset([_Tagged(s.dataset, i) for i, s in enumerate(sources)])
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler)
+
+
+def mixed_cross_entropy(logits: Tensor, target: Tensor, source: Tensor, loss_weights: Sequence[float],
+                        ignore_index: int = 255) -> Tensor:
+    """Sum over sources of ``loss_weight_s`` x the mean CE over source s's labelled pixels.
+
+    Shape: ``logits [N, C, H, W], target [N, H, W], source [N] -> []``.
+    """
+    total = logits.sum() * 0.0  # keeps the graph when a batch holds no labelled pixel
+    for index, weight in enumerate(loss_weights):
+        chosen = source == index
+        if bool(chosen.any()):
+            total = total + weight * sparse_cross_entropy(logits[chosen], target[chosen], ignore_index)
+    return total
+
+
 def collate_samples(samples: list[Sample]) -> dict:
     return {
         "id": [s.id for s in samples],
@@ -82,16 +134,23 @@ def sparse_cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = 255
 
 def train_segmenter(
     model: Segmenter,
-    train_set: Dataset,
+    train_set: Union[Dataset, Sequence[TrainingSource]],
     config: TrainConfig,
     ignore_index: int = 255,
     accelerator: Optional[Accelerator] = None,
     progress: bool = True,
 ) -> TrainResult:
-    """Train in place with Adam on ``{"image", "target"}`` items; returns the loss per epoch."""
+    """Train in place with Adam on ``{"image", "target"}`` items, from one dataset or mixed
+    :class:`TrainingSource` s; returns the loss per epoch."""
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.mixed_precision)
     generator = torch.Generator().manual_seed(config.seed)
-    loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, generator=generator, drop_last=False)
+    sources = list(train_set) if isinstance(train_set, (list, tuple)) else [TrainingSource(train_set)]
+    loss_weights = [s.loss_weight for s in sources]
+    if len(sources) == 1 and sources[0].loss_weight == 1.0:  # plain shuffling, every item once per epoch
+        loader = DataLoader(_Tagged(sources[0].dataset, 0), batch_size=config.batch_size, shuffle=True,
+                            generator=generator)
+    else:
+        loader = _mixed_loader(sources, config.batch_size, generator)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     model.train()
@@ -101,7 +160,8 @@ def train_segmenter(
         total, batches = 0.0, 0
         for batch in loader:
             with accelerator.autocast():
-                loss = sparse_cross_entropy(model(batch["image"]), batch["target"], ignore_index)
+                loss = mixed_cross_entropy(model(batch["image"]), batch["target"], batch["source"], loss_weights,
+                                           ignore_index)
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             optimizer.step()

@@ -126,3 +126,45 @@ def test_cli_explains_bad_configuration(tmp_path, capsys, override, message):
 def test_missing_config_file_is_explained():
     with pytest.raises(ConfigError, match="nope.yaml not found"):
         load_config(ExperimentConfig, "nope.yaml")
+
+
+def write_pairs(root, dataset, classes=None):
+    from al.data.folder import DatasetWriter
+
+    writer = DatasetWriter(root, classes or dataset.classes, dataset.ignore_index)
+    for i in range(len(dataset)):
+        sample = dataset[i]
+        image = (sample.image.permute(1, 2, 0).numpy() * 255).astype("uint8")
+        writer.write(f"syn_{i}", image, sample.mask.numpy().astype("uint8"))
+    return root
+
+
+def test_synthetic_pairs_join_every_cycles_training(tiny_digits, tmp_path, monkeypatch):
+    from al import loop as loop_module
+    from al.loop import SyntheticConfig
+
+    train, val = tiny_digits
+    root = write_pairs(tmp_path / "synthetic", val)
+    seen = []
+    original = loop_module.train_segmenter
+    monkeypatch.setattr(loop_module, "train_segmenter",
+                        lambda model, sources, *a, **k: seen.append(sources) or original(model, sources, *a, **k))
+    config = tiny_loop_config(cycles=1, synthetic=SyntheticConfig(str(root), share=0.25, loss_weight=0.5))
+    records = ActiveLearningLoop(config, "entropy", 0, train, val, tmp_path / "run", progress=False).run()
+    assert len(records) == 2 and len(seen) == 2
+    for sources in seen:
+        assert [s.name for s in sources] == ["real", "synthetic"]
+        assert [s.share for s in sources] == [0.75, 0.25] and sources[1].loss_weight == 0.5
+        assert len(sources[1].dataset) == len(val)
+    assert config.fingerprint("entropy", 0) != tiny_loop_config(cycles=1).fingerprint("entropy", 0)
+
+
+def test_synthetic_pairs_with_other_classes_are_refused(tiny_digits, tmp_path):
+    from al.data.base import DatasetError
+    from al.loop import SyntheticConfig
+
+    train, val = tiny_digits
+    root = write_pairs(tmp_path / "synthetic", val, classes=[f"c{i}" for i in range(11)])
+    config = tiny_loop_config(synthetic=SyntheticConfig(str(root)))
+    with pytest.raises(DatasetError, match="synthetic classes"):
+        ActiveLearningLoop(config, "entropy", 0, train, val, tmp_path / "run", progress=False)

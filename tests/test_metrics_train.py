@@ -6,7 +6,10 @@ from al.models import build_segmenter
 from al.train import (
     DenseTargetDataset,
     TrainConfig,
+    TrainingSource,
+    _mixed_loader,
     evaluate,
+    mixed_cross_entropy,
     sparse_cross_entropy,
     train_segmenter,
 )
@@ -48,3 +51,59 @@ def test_training_lowers_the_loss_and_evaluate_scores_it(tiny_digits):
     assert result.losses[-1] < 0.6 * result.losses[0]
     scores = evaluate(model, train)
     assert 0.0 <= scores.miou <= 1.0 and scores.pixel_accuracy > 0.5
+
+
+def test_mixed_cross_entropy_weights_each_sources_mean():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 3, 5, 5)
+    target = torch.randint(0, 3, (4, 5, 5))
+    target[0, :3] = 255  # some ignored pixels in the real source
+    source = torch.tensor([0, 1, 0, 1])
+    got = mixed_cross_entropy(logits, target, source, [1.0, 0.25])
+    per_pixel = F.cross_entropy(logits, target, ignore_index=255, reduction="none")
+    valid = target != 255
+    real = per_pixel[[0, 2]][valid[[0, 2]]].mean()
+    synthetic = per_pixel[[1, 3]][valid[[1, 3]]].mean()
+    assert torch.allclose(got, real + 0.25 * synthetic)
+    # a source absent from the batch adds nothing; an all-ignored batch gives 0 with a graph
+    assert torch.allclose(mixed_cross_entropy(logits[[0, 2]], target[[0, 2]], source[[0, 2]], [1.0, 0.25]), real)
+    empty = mixed_cross_entropy(logits.requires_grad_(), torch.full_like(target, 255), source, [1.0, 1.0])
+    assert empty.item() == 0.0 and empty.requires_grad
+
+
+class _Constant(torch.utils.data.Dataset):
+    def __init__(self, n, value):
+        self.n, self.value = n, value
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, index):
+        return {"image": torch.full((3, 4, 4), float(self.value)), "target": torch.zeros(4, 4, dtype=torch.long)}
+
+
+def test_mixed_sources_fill_batches_by_share():
+    sources = [TrainingSource(_Constant(30, 0), share=0.75), TrainingSource(_Constant(500, 1), share=0.25, name="syn")]
+    loader = _mixed_loader(sources, batch_size=16, generator=torch.Generator().manual_seed(0))
+    drawn = torch.cat([batch["source"] for _ in range(50) for batch in loader])
+    assert len(drawn) == 50 * 40  # one epoch shows 30 / 0.75 = 40 items
+    assert abs(drawn.float().mean().item() - 0.25) < 0.03
+    batch = next(iter(loader))
+    assert torch.equal(batch["image"][:, 0, 0, 0], batch["source"].float())  # items carry their own source
+
+
+def test_synthetic_pairs_change_what_is_learnt(tiny_digits):
+    """Same seed and real labels: adding a weighted second source changes the trained weights."""
+    train, _ = tiny_digits
+    real = DenseTargetDataset(train)
+    config = TrainConfig(epochs=1, batch_size=4, seed=0)
+
+    def trained(sources):
+        torch.manual_seed(0)
+        model = build_segmenter("unet", "tu-resnet10t", 11, encoder_depth=3, decoder_channels=(16, 8, 8))
+        train_segmenter(model, sources, config, progress=False)
+        return torch.cat([p.flatten() for p in model.parameters()])
+
+    assert torch.equal(trained(real), trained([TrainingSource(real)]))  # one source = the plain path
+    mixed = trained([TrainingSource(real, 0.5), TrainingSource(real, 0.5, loss_weight=2.0, name="syn")])
+    assert not torch.allclose(trained(real), mixed)
