@@ -151,20 +151,27 @@ def tiny_components(
     scheduler: str = "ddim",
     unet_channels: tuple[int, ...] = (16, 32),
     vae_channels: tuple[int, ...] = (8, 16, 16),
+    image_size: int = 64,
+    layers_per_block: int = 1,
+    cross_attention_dim: int = 32,
+    text_max_length: int = 16,
 ) -> Components:
     """A complete, small, randomly initialised SD + ControlNet set (no files, no network).
 
     The default is tiny (0.5 M parameters): the VAE downsamples by 4 (64x64 images -> 16x16
     latents) and the ControlNet's conditioning embedding by 4 to match. Wider ``unet_channels``
-    and deeper ``vae_channels`` give mid-size sets for benchmarks.
+    and deeper ``vae_channels`` give mid-size sets for benchmarks, and the untrained starting
+    point of ``guidedgen.training`` (which trains such a set on DigitScenes).
     """
-    tokenizer = tiny_tokenizer()
+    tokenizer = tiny_tokenizer(text_max_length)
     down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(unet_channels) - 1)
     up = ("CrossAttnUpBlock2D",) * (len(unet_channels) - 1) + ("UpBlock2D",)
-    blocks = dict(block_out_channels=unet_channels, layers_per_block=1, cross_attention_dim=32, attention_head_dim=4,
+    blocks = dict(block_out_channels=unet_channels, layers_per_block=layers_per_block,
+                  cross_attention_dim=cross_attention_dim, attention_head_dim=4,
                   norm_num_groups=8, down_block_types=down)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, up_block_types=up, **blocks)
+    latent_size = image_size // 2 ** (len(vae_channels) - 1)
+    unet = UNet2DConditionModel(sample_size=latent_size, in_channels=4, out_channels=4, up_block_types=up, **blocks)
     controlnets = []
     for i in range(num_controlnets):
         torch.manual_seed(seed + 1 + i)
@@ -174,12 +181,12 @@ def tiny_components(
     vae = AutoencoderKL(
         block_out_channels=vae_channels, in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
         down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
-        up_block_types=("UpDecoderBlock2D",) * len(vae_channels), sample_size=64,
+        up_block_types=("UpDecoderBlock2D",) * len(vae_channels), sample_size=image_size,
     )
     torch.manual_seed(seed + 200)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+        hidden_size=cross_attention_dim, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
         vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length,
     ))
     scheduler_instance = _scheduler_class(scheduler)(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",

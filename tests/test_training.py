@@ -1,0 +1,74 @@
+"""Training the SD + ControlNet set: the quick mode makes a set that loads through the real
+``from_pretrained`` path, and a resumed run ends exactly where an uninterrupted one does."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from al.config import ConfigError, load_config
+from guidedgen.components import ComponentsConfig, load_components
+from guidedgen.training import TrainControlNetConfig, train_controlnet
+from scripts.train_controlnet import main as cli_main
+
+QUICK = ["data.num_train_images=8", "data.num_val_images=2", "data.size=32", "architecture.unet_channels=[8,16]",
+         "architecture.vae_channels=[8,16]", "architecture.conditioning_embedding_out_channels=[8,16]",
+         "architecture.text_max_length=24", "vae_steps=2", "vae_batch_size=4", "train_batch_size=4",
+         "max_train_steps=4", "checkpointing_steps=2", "validation_steps=0", "lr_warmup_steps=1", "progress=false"]
+
+
+def quick_config(output_dir, *extra):
+    return load_config(TrainControlNetConfig, "configs/controlnet_digits.yaml",
+                       [f"output_dir={output_dir}", "max_train_minutes=null", *QUICK, *extra])
+
+
+def unet_weights(folder):
+    components = load_components(ComponentsConfig(pretrained_model_name_or_path=str(folder),
+                                                  controlnet_model_name_or_path=[str(folder / "controlnet")],
+                                                  local_files_only=True))
+    return components, torch.cat([p.flatten() for m in (components.unet, components.controlnets[0])
+                                  for p in m.parameters()])
+
+
+def test_quick_training_writes_a_loadable_set_with_card_and_curve(tmp_path):
+    output = train_controlnet(quick_config(tmp_path / "set"), "pytest")
+    components, weights = unet_weights(output)
+    assert components.unet.dtype == torch.float32 and torch.isfinite(weights).all()
+    assert components.tokenizer.model_max_length == 24
+    assert components.vae.config.scaling_factor != pytest.approx(0.18215)  # measured on the data
+    assert components.scheduler.config.clip_sample is False
+    assert (output / "loss_curve.png").stat().st_size > 5000
+    assert "Command:** `pytest`" in (output / "README.md").read_text()
+    steps = [int(line.split(",")[0]) for line in (output / "losses.csv").read_text().splitlines()[1:]]
+    assert steps == [0, 1, 2, 3]
+    assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_a_resumed_run_matches_an_uninterrupted_one(tmp_path):
+    straight = train_controlnet(quick_config(tmp_path / "straight"))
+    # the "killed" run: the time cap stops it after its first step (checkpointing it), then it resumes
+    stopped = train_controlnet(quick_config(tmp_path / "resumed", "max_train_minutes=0"))
+    assert [p.name for p in (stopped / "checkpoints").iterdir()] == ["checkpoint-1"]
+    resumed = train_controlnet(quick_config(stopped))
+    assert torch.equal(unet_weights(straight)[1], unet_weights(resumed)[1])
+    steps = [int(line.split(",")[0]) for line in (resumed / "losses.csv").read_text().splitlines()[1:]]
+    assert steps == [0, 1, 2, 3]  # no step logged twice
+
+
+def test_a_folder_of_another_run_is_refused(tmp_path, capsys):
+    train_controlnet(quick_config(tmp_path / "set"))
+    assert cli_main(["--config", "configs/controlnet_digits.yaml", f"output_dir={tmp_path / 'set'}",
+                     "max_train_minutes=null", *QUICK, "learning_rate=0.1"]) == 2
+    assert "holds a run with another config" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override,message", [
+    ("architecture.conditioning_embedding_out_channels=[8]", "conditioning_embedding_out_channels"),
+    ("data.size=34", "'data.size'"),
+    ("proportion_empty_prompts=1.5", "proportion_empty_prompts"),
+    ("save_dtype=fp8", "save_dtype"),
+])
+def test_bad_training_configs_are_explained(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        quick_config(tmp_path, override).validate()
