@@ -1,0 +1,112 @@
+"""Mask fidelity of the trained DigitScenes ControlNet set: do generated images show their masks?
+
+Fidelity = mIoU between held-out conditioning masks (DigitScenes val) and the predictions of a
+segmenter trained on *real* DigitScenes, on images generated from those masks (unguided). Beside
+it, the same segmenter on the real images of those masks (the judge's own ceiling) and on their
+VAE reconstructions (the ceiling any sample of this VAE can reach).
+
+    python scripts/train_segmenter.py --config configs/segmenter_fidelity.yaml   # the judge, once
+    python benchmarks/mask_fidelity.py [--model models/digitscenes-controlnet --count 64]
+
+Last line: ``mask_fidelity: <mIoU of generated images>``.
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from al.data import DigitScenesConfig, digit_scenes
+from al.metrics import SegmentationScores, confusion_matrix
+from al.models import Segmenter
+from al.plots import class_colours
+from guidedgen.components import ComponentsConfig, load_components
+from guidedgen.generate import PaletteConfig, build_palette
+from guidedgen.palette import prompt_for
+from guidedgen.sampler import GuidedControlNetSampler
+
+
+def miou(segmenter: Segmenter, images: torch.Tensor, masks: torch.Tensor, num_classes: int) -> tuple[float, torch.Tensor]:
+    with torch.no_grad():
+        prediction = torch.cat([segmenter(images[i:i + 32]).argmax(1) for i in range(0, len(images), 32)])
+    confusion = confusion_matrix(prediction, masks, num_classes, 255)
+    return SegmentationScores.from_confusion(confusion).miou, prediction
+
+
+def sheet(masks, generated, predictions, real, colours, path: Path, rows: int = 6) -> None:
+    titles = ["mask", "generated (unguided)", "judge on generated", "real image"]
+    figure = Figure(figsize=(2.0 * len(titles), 2.1 * rows))
+    FigureCanvasAgg(figure)
+    for r in range(rows):
+        panels = [colours[masks[r]], generated[r], colours[predictions[r]], real[r]]
+        for c, panel in enumerate(panels):
+            axes = figure.add_subplot(rows, len(titles), r * len(titles) + c + 1)
+            axes.imshow(panel)
+            axes.set_xticks([])
+            axes.set_yticks([])
+            if r == 0:
+                axes.set_title(titles[c], fontsize=8)
+    figure.savefig(path, dpi=100, bbox_inches="tight")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="models/digitscenes-controlnet")
+    parser.add_argument("--judge", default="outputs/segmenter_fidelity")
+    parser.add_argument("--count", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--guidance-scale", type=float, default=2.0)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--sheet", default="docs/results/mask_fidelity.png")
+    parser.add_argument("--write-quality", action="store_true", help="also write <model>/quality.json")
+    args = parser.parse_args()
+    if not Path(args.judge, "config.json").is_file():
+        raise SystemExit(f"no judge segmenter at {args.judge}: run "
+                         f"`python scripts/train_segmenter.py --config configs/segmenter_fidelity.yaml` first")
+    model = Path(args.model)
+    components = load_components(ComponentsConfig(pretrained_model_name_or_path=str(model),
+                                                  controlnet_model_name_or_path=[str(model / "controlnet")],
+                                                  local_files_only=True))
+    judge = Segmenter.from_pretrained(args.judge).eval()
+    data = digit_scenes(DigitScenesConfig(num_images=args.count, split="val", size=64))
+    classes = list(data.classes)
+    masks = torch.from_numpy(data.masks).long()
+    real = torch.from_numpy(data.images).permute(0, 3, 1, 2).float() / 255
+    palette = build_palette(PaletteConfig(), classes, data.ignore_index)
+    sampler = GuidedControlNetSampler(components, palette, num_inference_steps=args.steps,
+                                      guidance_scale=args.guidance_scale, negative_prompt="")
+    start = time.perf_counter()
+    generated = torch.cat([
+        sampler(masks[i:i + args.batch], [prompt_for(m, classes) for m in masks[i:i + args.batch]],
+                list(range(i, min(i + args.batch, args.count)))).images
+        for i in range(0, args.count, args.batch)])
+    seconds = time.perf_counter() - start
+    with torch.no_grad():
+        vae = components.vae
+        reconstructed = (vae.decode(vae.encode(real * 2 - 1).latent_dist.mean).sample / 2 + 0.5).clamp(0, 1)
+    fidelity, predictions = miou(judge, generated, masks, len(classes))
+    real_miou, _ = miou(judge, real, masks, len(classes))
+    vae_miou, _ = miou(judge, reconstructed, masks, len(classes))
+    to_uint8 = lambda x: (x.permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8)
+    colours = (class_colours(len(classes)) * 255).astype(np.uint8)
+    Path(args.sheet).parent.mkdir(parents=True, exist_ok=True)
+    sheet(masks.numpy(), to_uint8(generated), predictions.numpy(), to_uint8(real), colours, Path(args.sheet))
+    result = {"mask_fidelity_miou": fidelity, "judge_on_real_miou": real_miou, "judge_on_vae_reconstructions_miou": vae_miou,
+              "held_out_masks": args.count, "steps": args.steps, "guidance_scale": args.guidance_scale,
+              "seconds_per_sample": seconds / args.count, "judge": args.judge}
+    if args.write_quality:
+        (model / "quality.json").write_text(json.dumps(result, indent=2))
+    print(f"judge on real val images:        {real_miou:.3f} mIoU")
+    print(f"judge on VAE reconstructions:    {vae_miou:.3f} mIoU")
+    print(f"judge on generated images:       {fidelity:.3f} mIoU ({seconds / args.count:.2f} s/sample, {args.steps} steps)")
+    print(f"sheet: {args.sheet}")
+    print(f"mask_fidelity: {fidelity:.3f}")
+
+
+if __name__ == "__main__":
+    main()
