@@ -20,10 +20,10 @@ tell prompts apart. The output folder has the diffusers layout, so
 from __future__ import annotations
 
 import csv
-from copy import deepcopy as copy_module
 import json
 import shutil
 import time
+from copy import deepcopy as copy_module
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional

@@ -7,7 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from al.annotate.labelstudio import LabelStudioImportError, export_tasks, import_annotations
+from al.annotate.labelstudio import (
+    LabelStudioImportError,
+    export_tasks,
+    import_annotations,
+)
 from al.annotate.session import AnnotationSession
 from al.experiment import DATA_CONFIG_NAME, DataConfig
 from al.labels import SparseLabels

@@ -1,8 +1,6 @@
 """Training the SD + ControlNet set: the quick mode makes a set that loads through the real
 ``from_pretrained`` path, and a resumed run ends exactly where an uninterrupted one does."""
 
-import json
-import shutil
 
 import pytest
 import torch
