@@ -149,15 +149,17 @@ def run_pipeline(config: PipelineConfig) -> str:
     log = StageLog(output / "stages.csv")
     train_set, val_set = config.data.build(config.data.train_split), config.data.build(config.data.val_split)
     real = TrainingSource(DenseTargetDataset(train_set))
-    rows = []
-    for seed in config.seeds:
+    rows, committees = [], {}
+    for seed in config.seeds:  # stage 1 for every seed first: it needs no generative model
         base = output / f"seed_{seed}"
-        segmenters = [base / f"segmenter_{k}" for k in range(config.committee_size)]
-        for k, folder in enumerate(segmenters):
+        committees[seed] = [base / f"segmenter_{k}" for k in range(config.committee_size)]
+        for k, folder in enumerate(committees[seed]):
             record = log.run(f"seed {seed}: train on real ({folder.name})",
                              lambda f=folder, k=k: _train(config, [real], f, seed * 100 + k, train_set.num_classes, val_set))
             if k == 0:
                 rows.append({"seed": seed, "condition": REAL_ONLY, "val_miou": record["val_miou"]})
+    for seed in config.seeds:
+        base, segmenters = output / f"seed_{seed}", committees[seed]
         for condition in config.conditions:
             generated = base / "generated" / condition
             log.run(f"seed {seed}: generate {condition}",
