@@ -3,6 +3,8 @@
     python scripts/annotate.py --state outputs/al_human/runs/balent/seed_0 [--port 8765]
     python scripts/annotate.py --state ... --export-labelstudio DIR    # tasks.json + config + images
     python scripts/annotate.py --state ... --import-labelstudio FILE   # Label Studio's JSON export
+    python scripts/annotate.py --state ... --export-cvat DIR           # CVAT for images 1.1 XML + images
+    python scripts/annotate.py --state ... --import-cvat FILE
 
 Prints a URL with a random access token; open it, answer, then re-run scripts/active_learning.py
 with the same config to train on the answers and continue the loop. Binds to 127.0.0.1 unless
@@ -16,7 +18,12 @@ from pathlib import Path
 import uvicorn
 
 from al.annotate.app import create_app
-from al.annotate.labelstudio import export_tasks, import_annotations
+from al.annotate.exchange import (
+    export_cvat,
+    export_labelstudio,
+    import_cvat,
+    import_labelstudio,
+)
 from al.annotate.session import AnnotationSession
 
 
@@ -28,18 +35,25 @@ def main(argv=None) -> int:
     parser.add_argument("--token", help="access token (default: a fresh random one)")
     parser.add_argument("--export-labelstudio", type=Path, metavar="DIR", help="write Label Studio tasks and exit")
     parser.add_argument("--import-labelstudio", type=Path, metavar="FILE", help="import a Label Studio export and exit")
+    parser.add_argument("--export-cvat", type=Path, metavar="DIR", help="write CVAT points (XML) and images, and exit")
+    parser.add_argument("--import-cvat", type=Path, metavar="FILE", help="import a CVAT for images 1.1 XML and exit")
     args = parser.parse_args(argv)
     try:
         session = AnnotationSession(args.state)
         if args.export_labelstudio:
-            path = export_tasks(session, args.export_labelstudio)
+            path = export_labelstudio(session, args.export_labelstudio)
             print(f"wrote {path} and {args.export_labelstudio / 'labelling_config.xml'}; serve "
                   f"{args.export_labelstudio} as Label Studio local files storage")
             return 0
-        if args.import_labelstudio:
-            print(f"imported: {import_annotations(session, args.import_labelstudio)}; progress: "
-                  f"{session.progress()['answered']}/{session.progress()['total']}")
+        if args.export_cvat:
+            print(f"wrote {export_cvat(session, args.export_cvat)}; upload it with the images of {args.export_cvat}")
             return 0
+        imports = [(args.import_labelstudio, import_labelstudio), (args.import_cvat, import_cvat)]
+        for path, read in imports:
+            if path:
+                print(f"imported: {read(session, path)}; progress: "
+                      f"{session.progress()['answered']}/{session.progress()['total']}")
+                return 0
     except (FileNotFoundError, KeyError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -1,5 +1,6 @@
-"""Label Studio round trip: a cycle's queries out as tasks, the completed annotations back in.
+"""Round trips with labelling tools people already run: a cycle's queries out, answers back in.
 
+**Label Studio.**
 Each task carries one image and its queried pixels as *pre-annotated keypoints* labelled
 ``query``; the annotator relabels each point with a class (or ``unsure``). The labelling config
 lists the classes. On import, a point is matched to its query by the region id the export gave
@@ -14,8 +15,9 @@ from __future__ import annotations
 
 import json
 import math
+import xml.etree.ElementTree as ElementTree
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 from xml.sax.saxutils import quoteattr
 
 from al.annotate.session import AnnotationSession
@@ -27,8 +29,22 @@ FROM_NAME, TO_NAME = "class", "image"
 DEFAULT_IMAGE_URL = "/data/local-files/?d=images/{file}"
 
 
-class LabelStudioImportError(ValueError):
-    """An annotation that cannot be imported; the message names the task and the fix."""
+class ImportAnswersError(ValueError):
+    """An annotation that cannot be imported; the message names the task or image and the fix."""
+
+
+def _apply(session: AnnotationSession, where: str, image_id: str, row: int, col: int, name: str) -> bool:
+    """Answer one query with label ``name``; False when it is still the ``query`` placeholder."""
+    if name == QUERY_LABEL:
+        return False
+    if name != UNSURE_LABEL and name not in session.classes:
+        raise ImportAnswersError(f"{where}: label {name!r} is not a class of this run "
+                                 f"({', '.join(session.classes)}, or {UNSURE_LABEL!r}); fix the labelling config")
+    try:
+        session.answer(image_id, row, col, None if name == UNSURE_LABEL else session.classes.index(name))
+    except ValueError as error:
+        raise ImportAnswersError(f"{where}: {error}") from None
+    return True
 
 
 def labelling_config(session: AnnotationSession) -> str:
@@ -46,7 +62,7 @@ def labelling_config(session: AnnotationSession) -> str:
     ]) + "\n"
 
 
-def export_tasks(session: AnnotationSession, directory: Union[str, Path], image_url: str = DEFAULT_IMAGE_URL,
+def export_labelstudio(session: AnnotationSession, directory: Union[str, Path], image_url: str = DEFAULT_IMAGE_URL,
                  only_pending: bool = True) -> Path:
     """Write ``tasks.json``, ``labelling_config.xml`` and ``images/<id>.png`` for the open tag.
     Returns the tasks file."""
@@ -93,7 +109,7 @@ def _pixel(result: dict, height: int, width: int) -> tuple[int, int]:
     return row, col
 
 
-def import_annotations(session: AnnotationSession, export: Union[str, Path, list]) -> dict:
+def import_labelstudio(session: AnnotationSession, export: Union[str, Path, list]) -> dict:
     """Read a Label Studio JSON export and answer the open tag's queries with it.
 
     Per task the most recent annotation that was not cancelled counts. Points still labelled
@@ -101,13 +117,12 @@ def import_annotations(session: AnnotationSession, export: Union[str, Path, list
     the tag's queries is refused (the loop asked about other pixels). Returns counts.
     """
     tasks = json.loads(Path(export).read_text()) if not isinstance(export, list) else export
-    by_name = {name: i for i, name in enumerate(session.classes)}
     counts = {"answered": 0, "unanswered": 0, "tasks_without_annotation": 0}
     for number, task in enumerate(tasks, start=1):
         where = f"task {task.get('id', number)}"
         image_id = task.get("data", {}).get("image_id")
         if image_id not in session.shapes:
-            raise LabelStudioImportError(f"{where}: data.image_id {image_id!r} is not an image of this run; "
+            raise ImportAnswersError(f"{where}: data.image_id {image_id!r} is not an image of this run; "
                                          f"import the export of this run's tasks")
         annotations = [a for a in task.get("annotations", []) if not a.get("was_cancelled")]
         if not annotations:
@@ -118,18 +133,57 @@ def import_annotations(session: AnnotationSession, export: Union[str, Path, list
         for result in latest.get("result", []):
             if result.get("type") != "keypointlabels":
                 continue
-            names = result["value"].get("keypointlabels") or [QUERY_LABEL]
-            name = names[0]
-            if name == QUERY_LABEL:
-                counts["unanswered"] += 1
-                continue
-            if name != UNSURE_LABEL and name not in by_name:
-                raise LabelStudioImportError(f"{where}: label {name!r} is not a class of this run "
-                                             f"({', '.join(session.classes)}, or {UNSURE_LABEL!r}); fix the labelling config")
-            row, col = _pixel(result, height, width)
-            try:
-                session.answer(image_id, row, col, None if name == UNSURE_LABEL else by_name[name])
-            except ValueError as error:
-                raise LabelStudioImportError(f"{where}: {error}") from None
-            counts["answered"] += 1
+            name = (result["value"].get("keypointlabels") or [QUERY_LABEL])[0]
+            answered = _apply(session, where, image_id, *_pixel(result, height, width), name)
+            counts["answered" if answered else "unanswered"] += 1
+    return counts
+
+
+def export_cvat(session: AnnotationSession, directory: Union[str, Path], only_pending: bool = True) -> Path:
+    """Write ``annotations.xml`` (CVAT for images 1.1) and ``images/<n>.png`` for the open tag."""
+    directory = Path(directory)
+    (directory / "images").mkdir(parents=True, exist_ok=True)
+    root = ElementTree.Element("annotations")
+    ElementTree.SubElement(root, "version").text = "1.1"
+    labels = ElementTree.SubElement(ElementTree.SubElement(ElementTree.SubElement(root, "meta"), "task"), "labels")
+    for name in [QUERY_LABEL, *session.classes, UNSURE_LABEL]:
+        label = ElementTree.SubElement(labels, "label")
+        ElementTree.SubElement(label, "name").text = name
+        ElementTree.SubElement(label, "type").text = "points"
+    count = 0
+    for item in session.progress()["images"]:
+        if only_pending and item["pending"] == 0:
+            continue
+        info = session.image_info(item["id"])
+        file = f"{count:06d}.png"
+        (directory / "images" / file).write_bytes(session.image_png(item["id"]))
+        image = ElementTree.SubElement(root, "image", id=str(count), name=file, width=str(info["width"]),
+                                       height=str(info["height"]), image_id=item["id"])
+        for q in info["queries"]:
+            if not only_pending or q["class_id"] is None:
+                ElementTree.SubElement(image, "points", label=QUERY_LABEL, source="manual", occluded="0",
+                                       points=f"{q['col'] + 0.5:.2f},{q['row'] + 0.5:.2f}", z_order="0")
+        count += 1
+    path = directory / "annotations.xml"
+    ElementTree.ElementTree(root).write(path, encoding="utf-8", xml_declaration=True)
+    return path
+
+
+def import_cvat(session: AnnotationSession, annotations: Union[str, Path], file_ids: Optional[dict] = None) -> dict:
+    """Read a CVAT for images 1.1 XML export and answer the open tag's queries with it. Images
+    are matched by the ``image_id`` attribute the export wrote, else by ``file_ids[name]``."""
+    root = ElementTree.parse(annotations).getroot()
+    counts = {"answered": 0, "unanswered": 0}
+    for image in root.iter("image"):
+        where = f"image {image.get('name')!r}"
+        image_id = image.get("image_id") or (file_ids or {}).get(image.get("name"))
+        if image_id not in session.shapes:
+            raise ImportAnswersError(f"{where}: it is not an image of this run; import the export of this run's queries")
+        height, width = session.shapes[image_id]
+        for points in image.iter("points"):
+            for pair in points.get("points", "").split(";"):
+                x, y = (float(v) for v in pair.split(","))
+                row, col = min(max(math.floor(y), 0), height - 1), min(max(math.floor(x), 0), width - 1)
+                answered = _apply(session, where, image_id, row, col, points.get("label", QUERY_LABEL))
+                counts["answered" if answered else "unanswered"] += 1
     return counts

@@ -1,4 +1,4 @@
-"""Label Studio round trip: export a cycle's queries as tasks, import a completed export."""
+"""Round trips: export a cycle's queries to Label Studio / CVAT, import completed exports."""
 
 import json
 import xml.etree.ElementTree as ElementTree
@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from al.annotate.labelstudio import (
-    LabelStudioImportError,
-    export_tasks,
-    import_annotations,
+from al.annotate.exchange import (
+    ImportAnswersError,
+    export_cvat,
+    export_labelstudio,
+    import_cvat,
+    import_labelstudio,
 )
 from al.annotate.session import AnnotationSession
 from al.experiment import DATA_CONFIG_NAME, DataConfig
@@ -48,14 +50,14 @@ def completed(tasks, answer):
 
 def test_fixture_export_imports_the_latest_uncancelled_answers(hand_made_run):
     session = AnnotationSession(hand_made_run)
-    counts = import_annotations(session, FIXTURE)
+    counts = import_labelstudio(session, FIXTURE)
     assert counts == {"answered": 3, "unanswered": 1, "tasks_without_annotation": 1}
     void = session.void_index
     on_disk = AnnotationSession(hand_made_run).labels
     assert on_disk.pixels("train_0_000000") == {(1, 5): 4, (20, 30): void}  # "three"; unsure found by position
     assert on_disk.pixels("train_0_000001") == {(0, 0): 3}  # the newer "two", not "one" nor the cancelled "nine"
     assert on_disk.pixels("train_0_000002") == {}
-    assert import_annotations(AnnotationSession(hand_made_run), FIXTURE)["answered"] == 3  # again: no change
+    assert import_labelstudio(AnnotationSession(hand_made_run), FIXTURE)["answered"] == 3  # again: no change
     assert AnnotationSession(hand_made_run).labels.count() == 3
 
 
@@ -68,13 +70,13 @@ def test_fixture_export_imports_the_latest_uncancelled_answers(hand_made_run):
 def test_bad_exports_name_the_task(hand_made_run, edit, message):
     tasks = json.loads(FIXTURE.read_text())
     edit(tasks)
-    with pytest.raises(LabelStudioImportError, match=f"task 101: .*{message}"):
-        import_annotations(AnnotationSession(hand_made_run), tasks)
+    with pytest.raises(ImportAnswersError, match=f"task 101: .*{message}"):
+        import_labelstudio(AnnotationSession(hand_made_run), tasks)
 
 
 def test_round_trip_answers_every_query_with_the_annotators_classes(waiting_run, tmp_path):
     session = AnnotationSession(waiting_run)
-    tasks_path = export_tasks(session, tmp_path / "ls")
+    tasks_path = export_labelstudio(session, tmp_path / "ls")
     tasks = json.loads(tasks_path.read_text())
     assert len(tasks) == 4 and all(len(t["predictions"][0]["result"]) == 2 for t in tasks)
     assert all((tmp_path / "ls" / "images" / t["data"]["image"].rsplit("/", 1)[1]).is_file() for t in tasks)
@@ -83,8 +85,46 @@ def test_round_trip_answers_every_query_with_the_annotators_classes(waiting_run,
     assert names == ["query", *session.classes, "unsure"]
     pool = session.dataset
     truth = lambda image_id, row, col: session.classes[int(pool[pool.index_of(image_id)].mask[row, col])]
-    counts = import_annotations(session, completed(tasks, truth))
+    counts = import_labelstudio(session, completed(tasks, truth))
     assert counts["answered"] == 8 and session.progress()["answered"] == 8
     for image_id in pool.ids:
         mask = pool[pool.index_of(image_id)].mask
         assert all(mask[r, c] == cls for (r, c), cls in session.labels.pixels(image_id).items())
+
+
+def test_cvat_round_trip_answers_every_query(waiting_run, tmp_path):
+    session = AnnotationSession(waiting_run)
+    path = export_cvat(session, tmp_path / "cvat")
+    tree = ElementTree.parse(path)
+    assert [n.text for n in tree.getroot().iter("name")] == ["query", *session.classes, "unsure"]
+    pool = session.dataset
+    for image in tree.getroot().iter("image"):  # the annotator relabels every point with the truth
+        mask = pool[pool.index_of(image.get("image_id"))].mask
+        assert (tmp_path / "cvat" / "images" / image.get("name")).is_file()
+        for points in image.iter("points"):
+            x, y = (float(v) for v in points.get("points").split(","))
+            points.set("label", session.classes[int(mask[int(y), int(x)])])
+    first = next(tree.getroot().iter("points"))
+    first.set("label", "query")  # one left unanswered
+    tree.write(tmp_path / "done.xml")
+    assert import_cvat(session, tmp_path / "done.xml") == {"answered": 7, "unanswered": 1}
+    assert session.progress()["answered"] == 7
+    for image_id in pool.ids:
+        mask = pool[pool.index_of(image_id)].mask
+        assert all(mask[r, c] == cls for (r, c), cls in session.labels.pixels(image_id).items())
+    first.set("label", "eleven")
+    tree.write(tmp_path / "bad.xml")
+    with pytest.raises(ImportAnswersError, match="label 'eleven' is not a class"):
+        import_cvat(AnnotationSession(waiting_run), tmp_path / "bad.xml")
+
+
+def test_annotate_cli_exports_imports_and_explains_a_bad_state(waiting_run, tmp_path, capsys):
+    from scripts.annotate import main as annotate_main
+
+    assert annotate_main(["--state", str(waiting_run), "--export-labelstudio", str(tmp_path / "ls")]) == 0
+    tasks = json.loads((tmp_path / "ls" / "tasks.json").read_text())
+    (tmp_path / "done.json").write_text(json.dumps(completed(tasks, lambda *_: "unsure")))
+    assert annotate_main(["--state", str(waiting_run), "--import-labelstudio", str(tmp_path / "done.json")]) == 0
+    assert "progress: 8/8" in capsys.readouterr().out
+    assert annotate_main(["--state", str(tmp_path / "nowhere")]) == 2
+    assert "data.json is missing" in capsys.readouterr().err
