@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import json
+import resource
 import shutil
 import time
 from copy import deepcopy as copy_module
@@ -348,7 +349,7 @@ palette image of the mask, with a frozen random character-level CLIP text encode
 - **Data:** {config.data.num_train_images} DigitScenes train scenes ({config.data.size}x{config.data.size}, seed {config.data.seed}).
 - **Steps:** VAE {config.vae_steps} x batch {config.vae_batch_size}; UNet+ControlNet {summary.get('last_step')} x batch {config.train_batch_size}.
 - **Seed:** {config.seed}. **Command:** `{command}`
-- **Wall time:** {summary.get('total_minutes', float('nan')):.1f} minutes on this machine's 2 CPU cores.
+- **Wall time:** {summary.get('total_minutes', float('nan')):.1f} minutes on this machine's 2 CPU cores; peak memory {summary.get('peak_rss_mb', float('nan')):.0f} MB.
 - **Quality:** see `quality.json` when `benchmarks/mask_fidelity.py` has been run on this folder.
 
 Load it with `guidedgen.components.load_components(ComponentsConfig(pretrained_model_name_or_path=<this folder>,
@@ -430,6 +431,7 @@ def train_controlnet(config: TrainControlNetConfig, command: str = "") -> Path:
     components.vae = AutoencoderKL.from_pretrained(output / "vae", torch_dtype=torch.float32).requires_grad_(False)
     summary = train_denoiser(components, data, config, output, accelerator, classes)
     summary["total_minutes"] = (time.monotonic() - started) / 60
+    summary["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if accelerator.is_main_process:
         save_components(components, output, config.save_dtype)
         write_model_card(output, config, summary, command)

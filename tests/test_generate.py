@@ -30,7 +30,7 @@ def segmenter_dir(guiding_segmenters, tmp_path_factory):
 def overrides(output_dir, segmenter_dir, **extra):
     values = {"output_dir": output_dir, "guidance.segmenters": f"[{segmenter_dir}]", "num_inference_steps": 3,
               "num_samples": 5, "batch_size": 2, "masks.size": 32, "masks.num_train_images": 3, "progress": "false",
-              "contact_sheet_samples": 2, "guidance.strength": 0.1}
+              "contact_sheet_samples": 2, "guidance.strength": 0.1, "tiny_components": "true", "masks_split": "train"}
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
 
