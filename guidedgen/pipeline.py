@@ -93,14 +93,15 @@ class StageLog:
         return result
 
 
-def _train(config: PipelineConfig, sources: list[TrainingSource], folder: Path, seed: int, num_classes: int, val_set) -> dict:
+def _train(config: PipelineConfig, sources: list[TrainingSource], folder: Path, seed: int, num_classes: int, val_set,
+           epochs: int) -> dict:
     """Train (or reuse) one segmenter in ``folder``; returns its record with the val mIoU."""
     record_path = folder / "training.json"
     if record_path.exists():
         return json.loads(record_path.read_text())
     torch.manual_seed(seed)
     model = config.model.build(num_classes)
-    train_config = dataclasses.replace(config.train, seed=seed)
+    train_config = dataclasses.replace(config.train, seed=seed, epochs=epochs)
     losses = train_segmenter(model, sources, train_config, progress=config.progress).losses
     record = {"seed": seed, "val_miou": evaluate(model, val_set).miou, "losses": losses,
               "sources": [{"name": s.name, "items": len(s.dataset), "share": s.share} for s in sources]}
@@ -155,9 +156,13 @@ def run_pipeline(config: PipelineConfig) -> str:
         committees[seed] = [base / f"segmenter_{k}" for k in range(config.committee_size)]
         for k, folder in enumerate(committees[seed]):
             record = log.run(f"seed {seed}: train on real ({folder.name})",
-                             lambda f=folder, k=k: _train(config, [real], f, seed * 100 + k, train_set.num_classes, val_set))
+                             lambda f=folder, k=k: _train(config, [real], f, seed * 100 + k, train_set.num_classes, val_set,
+                                                          config.train.epochs))
             if k == 0:
                 rows.append({"seed": seed, "condition": REAL_ONLY, "val_miou": record["val_miou"]})
+    # A mixed epoch shows len(real) / real_share items: fewer epochs keep the number of optimizer
+    # steps equal to the real-only run's, so synthetic data is not credited with extra training.
+    retrain_epochs = max(1, round(config.train.epochs * (1.0 - config.synthetic_share)))
     for seed in config.seeds:
         base, segmenters = output / f"seed_{seed}", committees[seed]
         for condition in config.conditions:
@@ -170,7 +175,7 @@ def run_pipeline(config: PipelineConfig) -> str:
             record = log.run(f"seed {seed}: retrain real + {condition}",
                              lambda g=generated, c=condition: _train(config, [real_share, synthetic],
                                                                      base / "retrained" / c, seed * 100,
-                                                                     train_set.num_classes, val_set))
+                                                                     train_set.num_classes, val_set, retrain_epochs))
             values = objective_values(generated, segmenters, train_set.ignore_index)
             rows.append({"seed": seed, "condition": f"real + {condition}", "val_miou": record["val_miou"],
                          "synthetic_samples": len(load_folder(generated)), **{f"objective_{k}": v for k, v in values.items()}})
