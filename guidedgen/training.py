@@ -69,6 +69,8 @@ class TrainControlNetConfig:
     vae_batch_size: int = 32
     vae_learning_rate: float = 1e-3
     kl_weight: float = 1e-6
+    # stage 3: decoder-only fine-tuning (as SD's ft-MSE VAE): sharper images, same latent space
+    vae_decoder_steps: int = 0
     # stage 2: UNet + ControlNet (names follow diffusers' train_controlnet.py)
     max_train_steps: int = 8000
     max_train_minutes: Optional[float] = None  # stop stage 2 early (checkpointing first) after this long
@@ -199,6 +201,33 @@ def _truncate_losses(path: Path, first_step: int) -> None:
     if path.exists():
         lines = path.read_text().splitlines(keepends=True)
         path.write_text("".join(lines[:1] + [line for line in lines[1:] if int(line.split(",")[0]) < first_step]))
+
+
+def finetune_vae_decoder(vae: AutoencoderKL, images: torch.Tensor, steps: int, batch_size: int, learning_rate: float,
+                         seed: int, device: torch.device, progress: bool = True) -> list[float]:
+    """Train only the decoder (and post-quant conv) on posterior samples of the frozen encoder.
+
+    The encoder, hence the latent space the UNet learnt, does not move, so this can run after
+    (or beside) stage 2. Returns the loss per step."""
+    vae.to(device).requires_grad_(False)
+    decoder = [vae.decoder, vae.post_quant_conv]
+    for module in decoder:
+        module.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW([p for m in decoder for p in m.parameters()], lr=learning_rate)
+    losses = []
+    for step in tqdm(range(steps), desc="VAE decoder", disable=not progress):
+        index = _batch_indices(len(images), batch_size, seed, -1_000_000 - step, 0)
+        batch = images[index].to(device)
+        with torch.no_grad():
+            latents = vae.encode(batch).latent_dist.sample()
+        reconstruction = vae.decode(latents).sample
+        loss = F.l1_loss(reconstruction, batch) + F.mse_loss(reconstruction, batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    vae.eval().requires_grad_(False)
+    return losses
 
 
 def _write_losses(path: Path, losses: list[float], first_step: int = 0, mode: str = "w") -> None:
@@ -430,6 +459,12 @@ def train_controlnet(config: TrainControlNetConfig, command: str = "") -> Path:
     # stage 2 always encodes with the VAE as saved, so a resumed run sees exactly the same latents
     components.vae = AutoencoderKL.from_pretrained(output / "vae", torch_dtype=torch.float32).requires_grad_(False)
     summary = train_denoiser(components, data, config, output, accelerator, classes)
+    decoder_done = output / "vae_decoder_losses.csv"
+    if config.vae_decoder_steps and not decoder_done.exists() and accelerator.is_main_process:
+        losses = finetune_vae_decoder(components.vae, data.images, config.vae_decoder_steps, config.vae_batch_size,
+                                      config.vae_learning_rate, config.seed, accelerator.device, config.progress)
+        _save_module(components.vae, output / "vae", config.save_dtype)
+        _write_losses(decoder_done, losses)  # last: marks the stage done
     summary["total_minutes"] = (time.monotonic() - started) / 60
     summary["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if accelerator.is_main_process:

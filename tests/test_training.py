@@ -70,3 +70,21 @@ def test_a_folder_of_another_run_is_refused(tmp_path, capsys):
 def test_bad_training_configs_are_explained(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
         quick_config(tmp_path, override).validate()
+
+
+def test_decoder_finetuning_keeps_the_latent_space():
+    from guidedgen.components import tiny_components
+    from guidedgen.training import finetune_vae_decoder
+
+    vae = tiny_components(0, vae_channels=(8, 16), image_size=32).vae
+    images = torch.rand(8, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        latents_before = vae.encode(images).latent_dist.mean
+        decoded_before = vae.decode(latents_before).sample
+    losses = finetune_vae_decoder(vae, images, steps=5, batch_size=4, learning_rate=1e-2, seed=0,
+                                  device=torch.device("cpu"), progress=False)
+    with torch.no_grad():
+        assert torch.equal(vae.encode(images).latent_dist.mean, latents_before)  # the UNet's space
+        assert not torch.allclose(vae.decode(latents_before).sample, decoded_before)
+    assert len(losses) == 5 and all(torch.isfinite(torch.tensor(losses)))
+    assert not any(p.requires_grad for p in vae.parameters())
