@@ -181,3 +181,17 @@ def test_a_folder_of_masks_alone_is_enough_to_generate(tmp_path, segmenter_dir):
     generated = load_folder(tmp_path / "out")
     assert [r["source_id"] for r in read_metadata(tmp_path / "out")] == ["m0", "m1"]
     assert generated[1].mask[10, 10] == 4
+
+
+def test_the_committed_model_generates_from_the_demo_config(tmp_path, segmenter_dir):
+    """`make demo`'s committed model loads through from_pretrained (local files) and generates."""
+    args = ["--config", str(ROOT / "configs/demo.yaml"), f"output_dir={tmp_path}", f"guidance.segmenters=[{segmenter_dir}]",
+            "num_samples=2", "batch_size=2", "num_inference_steps=4", "contact_sheet_samples=0", "progress=false",
+            "masks.size=64"]
+    assert generate_main(args) == 0
+    dataset = load_folder(tmp_path)
+    assert len(dataset) == 2
+    records = read_metadata(tmp_path)
+    assert records[0]["models"]["pretrained_model_name_or_path"] == "models/digitscenes-controlnet"
+    for sample in (dataset[0], dataset[1]):
+        assert sample.image.shape == (3, 64, 64) and 0.05 < float(sample.image.std()) < 0.5
