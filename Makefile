@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 # generation from DigitScenes masks; writes outputs/demo/generated/ and its contact_sheet.png.
 demo: $(STAMP)
 	$(PY) scripts/train_segmenter.py --config configs/segmenter_digits.yaml
-	$(PY) scripts/generate.py --config configs/demo.yaml
+	$(PY) scripts/generate.py --config configs/demo.yaml overwrite=true
 
 # Sparse-pixel active learning on DigitScenes (BalEnt vs random); writes outputs/al_demo/.
 al-demo: $(STAMP)
