@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import os
 from collections import defaultdict
+from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -11,12 +13,16 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
+from al.data.folder import atomic_write_bytes
 
-def _save(figure: Figure, path: Union[str, os.PathLike]) -> None:
+
+def save_figure(figure: Figure, path: Union[str, os.PathLike]) -> None:
+    """Render to PNG and replace ``path`` atomically; processes sharing an output folder (the
+    experiment's seeds) may write the same plot at once, so the temporary name is per process."""
     FigureCanvasAgg(figure)
-    tmp = f"{path}.tmp.png"
-    figure.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    atomic_write_bytes(Path(path), buffer.getvalue())
 
 
 def class_colours(num_classes: int) -> np.ndarray:
@@ -55,7 +61,7 @@ def plot_learning_curves(
     axes.set_title(title or "Sparse-pixel active learning")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
-    _save(figure, path)
+    save_figure(figure, path)
 
 
 def plot_uncertainty_maps(
@@ -92,4 +98,4 @@ def plot_uncertainty_maps(
             axes.set_yticks([])
             if r == 0:
                 axes.set_title(title, fontsize=9)
-    _save(figure, path)
+    save_figure(figure, path)

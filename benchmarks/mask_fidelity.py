@@ -18,13 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from al.data import DigitScenesConfig, digit_scenes
 from al.metrics import SegmentationScores, confusion_matrix
 from al.models import Segmenter
-from al.plots import class_colours
+from al.plots import class_colours, save_figure
 from guidedgen.components import ComponentsConfig, load_components
 from guidedgen.generate import PaletteConfig, build_palette
 from guidedgen.palette import prompt_for
@@ -41,7 +40,6 @@ def miou(segmenter: Segmenter, images: torch.Tensor, masks: torch.Tensor, num_cl
 def sheet(masks, generated, predictions, real, colours, path: Path, rows: int = 6) -> None:
     titles = ["mask", "generated (unguided)", "judge on generated", "real image"]
     figure = Figure(figsize=(2.0 * len(titles), 2.1 * rows))
-    FigureCanvasAgg(figure)
     for r in range(rows):
         panels = [colours[masks[r]], generated[r], colours[predictions[r]], real[r]]
         for c, panel in enumerate(panels):
@@ -51,7 +49,7 @@ def sheet(masks, generated, predictions, real, colours, path: Path, rows: int = 
             axes.set_yticks([])
             if r == 0:
                 axes.set_title(titles[c], fontsize=8)
-    figure.savefig(path, dpi=100, bbox_inches="tight")
+    save_figure(figure, path)
 
 
 def main() -> None:

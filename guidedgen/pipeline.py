@@ -24,7 +24,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from al.config import require
@@ -32,6 +31,7 @@ from al.data.folder import atomic_write_bytes, load_folder
 from al.experiment import DataConfig
 from al.loop import ModelConfig
 from al.models import Segmenter
+from al.plots import save_figure
 from al.train import (
     DenseTargetDataset,
     TrainConfig,
@@ -206,11 +206,10 @@ def write_results(rows: list[dict], output: Path) -> str:
                                   "synthetic set, under the stage-1 segmenters (higher = the guiding model finds it harder).\n")
     atomic_write_bytes(output / "summary.md", summary.encode())
     figure = Figure(figsize=(1.6 + 1.3 * len(conditions), 3.4))
-    FigureCanvasAgg(figure)
     axes = figure.add_subplot(1, 1, 1)
     axes.bar(range(len(conditions)), means, yerr=spreads, capsize=4, color="#4c72b0")
     axes.set_xticks(range(len(conditions)), conditions, rotation=20, ha="right", fontsize=8)
     axes.set_ylabel("val mIoU (%)")
     axes.set_title("train on real -> generate -> retrain (mean ± std over seeds)", fontsize=9)
-    figure.savefig(output / "miou.png", dpi=110, bbox_inches="tight")
+    save_figure(figure, output / "miou.png")
     return summary

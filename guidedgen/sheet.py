@@ -6,8 +6,9 @@ import os
 from typing import Union
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from al.plots import save_figure
 
 
 def contact_sheet(control: np.ndarray, unguided: np.ndarray, guided: np.ndarray, entropy: np.ndarray,
@@ -16,7 +17,6 @@ def contact_sheet(control: np.ndarray, unguided: np.ndarray, guided: np.ndarray,
     titles = ["mask (control image)", "unguided", "guided", "segmenter entropy (guided)"]
     rows = len(control)
     figure = Figure(figsize=(2.2 * len(titles), 2.3 * rows))
-    FigureCanvasAgg(figure)
     for r in range(rows):
         for c, panel in enumerate([control[r], unguided[r], guided[r], entropy[r]]):
             axes = figure.add_subplot(rows, len(titles), r * len(titles) + c + 1)
@@ -31,6 +31,4 @@ def contact_sheet(control: np.ndarray, unguided: np.ndarray, guided: np.ndarray,
                 axes.set_title(titles[c], fontsize=9)
             if c == 0:
                 axes.set_ylabel(captions[r], fontsize=7)
-    tmp = f"{path}.tmp.png"
-    figure.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    save_figure(figure, path)

@@ -394,12 +394,12 @@ Full training config:
 
 
 def plot_losses(output: Path) -> Optional[Path]:
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from al.plots import save_figure
 
-    figure, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    figure = Figure(figsize=(10, 3.5))
+    axes = figure.subplots(1, 2)
     for axis, name, title in zip(axes, ("vae_losses.csv", "losses.csv"), ("VAE", "UNet + ControlNet (min-SNR MSE)")):
         path = output / name
         if not path.exists():
@@ -411,8 +411,7 @@ def plot_losses(output: Path) -> Optional[Path]:
         axis.plot(rows[window - 1:, 0], smooth)
         axis.set(title=title, xlabel="step", ylabel="loss", yscale="log")
     figure.tight_layout()
-    figure.savefig(output / "loss_curve.png", dpi=100)
-    plt.close(figure)
+    save_figure(figure, output / "loss_curve.png")
     return output / "loss_curve.png"
 
 

@@ -168,3 +168,32 @@ def test_synthetic_pairs_with_other_classes_are_refused(tiny_digits, tmp_path):
     config = tiny_loop_config(synthetic=SyntheticConfig(str(root)))
     with pytest.raises(DatasetError, match="synthetic classes"):
         ActiveLearningLoop(config, "entropy", 0, train, val, tmp_path / "run", progress=False)
+
+
+def _save_plot_repeatedly(path, times):
+    from matplotlib.figure import Figure
+
+    from al.plots import save_figure
+
+    for _ in range(times):
+        figure = Figure(figsize=(2, 2))
+        figure.add_subplot(1, 1, 1).plot([0, 1], [1, 0])
+        save_figure(figure, path)
+
+
+def test_processes_sharing_an_output_folder_can_write_the_same_plot(tmp_path):
+    # The experiment's seeds run as separate processes that all redraw curve.png.
+    import multiprocessing
+
+    from PIL import Image
+
+    path = tmp_path / "curve.png"
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_save_plot_repeatedly, args=(path, 30)) for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert [worker.exitcode for worker in workers] == [0, 0, 0]
+    assert Image.open(path).size[0] > 0
+    assert [p.name for p in tmp_path.iterdir()] == ["curve.png"]
