@@ -21,9 +21,10 @@ from typing import Callable, Iterable, Optional, Union
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
+from al.data.folder import atomic_write_bytes
 from al.scores import bald
 
 Encode = Callable[[Tensor], Tensor]
@@ -69,9 +70,9 @@ class DiffusionFeatureExtractor:
             self._noise = torch.randn(like.shape[1:], generator=generator)
         return self._noise.to(like.device, like.dtype)
 
-    @torch.no_grad()
-    def __call__(self, images: Tensor, size: Optional[tuple[int, int]] = None) -> Tensor:
-        """Shape: ``images [N, 3, H, W] in [0, 1] -> [N, D, *size]`` (default size: ``H, W``)."""
+    def features(self, images: Tensor, size: Optional[tuple[int, int]] = None) -> Tensor:
+        """Differentiable w.r.t. ``images`` (for guidance); :meth:`__call__` is the no-grad form.
+        Shape: ``images [N, 3, H, W] in [0, 1] -> [N, D, *size]`` (default size: ``H, W``)."""
         size = tuple(size or images.shape[-2:])
         x0 = self.encode(images)
         captured: list[Tensor] = []
@@ -84,7 +85,7 @@ class DiffusionFeatureExtractor:
                 noisy = self.scheduler.add_noise(x0, self.noise(x0).expand_as(x0), timestep)
                 captured.clear()
                 if self.encoder_hidden_states is not None:
-                    states = self.encoder_hidden_states.expand(len(images), -1, -1)
+                    states = self.encoder_hidden_states.to(noisy.device, noisy.dtype).expand(len(images), -1, -1)
                     self.unet(noisy, timestep, encoder_hidden_states=states)
                 else:
                     self.unet(noisy, timestep)
@@ -93,6 +94,58 @@ class DiffusionFeatureExtractor:
             for hook in hooks:
                 hook.remove()
         return torch.cat(features, dim=1)
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor, size: Optional[tuple[int, int]] = None) -> Tensor:
+        return self.features(images, size)
+
+    @property
+    def dim(self) -> int:
+        """Feature channels per pixel (D)."""
+        channels = [getattr(module, "resnets")[-1].out_channels for module in self._modules]
+        return sum(channels) * len(self.config.timesteps)
+
+
+def load_feature_extractor(pretrained_model_name_or_path: str, config: Optional[FeatureConfig] = None,
+                           device: Union[str, torch.device] = "cpu", local_files_only: bool = True
+                           ) -> DiffusionFeatureExtractor:
+    """A feature extractor over a diffusers folder (or hub id): its ``unet`` and ``scheduler``;
+    for a latent ``UNet2DConditionModel`` also its ``vae`` (images are encoded to the latent
+    mean) and ``text_encoder`` + ``tokenizer`` (the empty prompt conditions the UNet)."""
+    from diffusers import (
+        AutoencoderKL,
+        DDPMScheduler,
+        UNet2DConditionModel,
+        UNet2DModel,
+    )
+
+    path, common = pretrained_model_name_or_path, dict(local_files_only=local_files_only)
+    try:
+        unet_class = json.loads(Path(path, "unet", "config.json").read_text())["_class_name"] if Path(path).is_dir() else None
+        if unet_class == "UNet2DModel":
+            unet = UNet2DModel.from_pretrained(path, subfolder="unet", **common)
+            encode, states = None, None
+        else:
+            from transformers import CLIPTextModel, CLIPTokenizer
+
+            unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **common)
+            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **common).to(device).eval().requires_grad_(False)
+            tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **common)
+            text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **common).to(device).eval()
+            tokens = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                               return_tensors="pt").input_ids.to(device)
+            with torch.no_grad():
+                states = text_encoder(tokens)[0]
+
+            def encode(images: Tensor) -> Tensor:
+                return vae.encode(images * 2.0 - 1.0).latent_dist.mean * vae.config.scaling_factor
+
+        scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **common)
+    except (OSError, ValueError, KeyError) as error:
+        raise OSError(f"cannot load a diffusion UNet for features from {path!r}: {error}. Pass a folder in the "
+                      f"diffusers layout (unet/, scheduler/, and vae/, text_encoder/, tokenizer/ for latent models)") from error
+    unet = unet.to(device).eval().requires_grad_(False)
+    return DiffusionFeatureExtractor(unet, scheduler, config, encode, states)
 
 
 def sample_pixels(
@@ -223,8 +276,10 @@ class PixelEnsemble(nn.Module):
     def save_pretrained(self, directory: Union[str, os.PathLike]) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(directory / "model.safetensors"))
-        (directory / "config.json").write_text(json.dumps({"class": "PixelEnsemble", **asdict(self.config)}, indent=2))
+        atomic_write_bytes(directory / "model.safetensors",
+                           save({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}))
+        atomic_write_bytes(directory / "config.json",
+                           json.dumps({"class": "PixelEnsemble", **asdict(self.config)}, indent=2).encode())
 
     @classmethod
     def from_pretrained(cls, directory: Union[str, os.PathLike]) -> "PixelEnsemble":
@@ -253,3 +308,90 @@ def image_score(pixel_scores: Tensor, top_fraction: float = 0.1) -> Tensor:
     flat = pixel_scores.flatten(1)
     k = max(1, int(round(top_fraction * flat.shape[1])))
     return flat.topk(k, dim=1).values.mean(1)
+
+
+@dataclass
+class DiffusionFeaturesConfig:
+    """A pixel-MLP ensemble on diffusion-UNet features, as a model of the active-learning loop."""
+
+    pretrained_model_name_or_path: str = "models/digitscenes-controlnet"
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    pixels_per_image: int = 2000  # training pixels sampled per image (sparse labels: all, up to this)
+    feature_budget_mb: int = 1024  # training features (fp16) may not exceed this
+    extraction_batch_size: int = 8
+    num_members: int = 10
+    max_epochs: int = 20
+    batch_size: int = 64
+    lr: float = 1e-3
+
+
+class DiffusionFeatureSegmenter(nn.Module):
+    """Feature extractor + :class:`PixelEnsemble`, with the segmenter interface the loop uses:
+    ``predict`` (majority vote), ``mc_probs`` (members as K), ``member_probs`` (differentiable,
+    for the ``committee`` guidance objective), ``forward`` (log of the mean member softmax) and
+    ``save_pretrained``/``from_pretrained`` (the ensemble's weights; the UNet is referenced by path).
+    """
+
+    def __init__(self, config: DiffusionFeaturesConfig, num_classes: int, seed: int = 0,
+                 device: Union[str, torch.device] = "cpu"):
+        super().__init__()
+        self.config, self.num_classes, self.seed = config, num_classes, seed
+        self.extractor = load_feature_extractor(config.pretrained_model_name_or_path, config.features, device)
+        self.ensemble = PixelEnsemble(EnsembleConfig(
+            in_features=self.extractor.dim, num_classes=num_classes, num_members=config.num_members, lr=config.lr,
+            batch_size=config.batch_size, max_epochs=config.max_epochs, seed=seed)).to(device)
+
+    @property
+    def num_members(self) -> int:
+        return self.config.num_members
+
+    def fit(self, batches: Iterable[tuple[Tensor, Tensor]], ignore_index: int = 255,
+            generator: Optional[torch.Generator] = None) -> list[int]:
+        """Sample training pixels of ``(images, targets)`` batches inside the feature budget and
+        train every member; returns each member's iterations."""
+        device = next(self.ensemble.parameters()).device
+        features, labels = sample_pixels(
+            self.extractor, ((images.to(device), targets) for images, targets in batches), self.config.pixels_per_image,
+            self.config.feature_budget_mb * 2**20, ignore_index, generator)
+        if len(labels) < 2:
+            raise ValueError(f"the pixel ensemble needs at least 2 labelled pixels, got {len(labels)}")
+        return self.ensemble.fit(features.to(device), labels.to(device))
+
+    def member_probs(self, images: Tensor) -> Tensor:
+        """Differentiable w.r.t. ``images``. Shape: ``[N, 3, H, W] -> [K, N, C, H, W]``."""
+        self.ensemble.eval()
+        maps = self.extractor.features(images)
+        n, d, h, w = maps.shape
+        probs = self.ensemble(maps.permute(0, 2, 3, 1).reshape(-1, d))
+        return probs.view(len(probs), n, h, w, -1).permute(0, 1, 4, 2, 3)
+
+    @torch.no_grad()
+    def mc_probs(self, images: Tensor) -> Tensor:
+        """Shape: ``[N, 3, H, W] -> [K, N, C, H, W]``."""
+        return self.ensemble.mc_probs(self.extractor(images))
+
+    @torch.no_grad()
+    def predict(self, images: Tensor) -> Tensor:
+        """Majority vote of the members. Shape: ``[N, 3, H, W] -> [N, H, W]``."""
+        return majority_vote(self.mc_probs(images))
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.member_probs(images).mean(0).clamp_min(1e-12).log()
+
+    def save_pretrained(self, directory: Union[str, os.PathLike]) -> None:
+        directory = Path(directory)
+        self.ensemble.save_pretrained(directory)
+        record = {"class": type(self).__name__, "num_classes": self.num_classes, "seed": self.seed,
+                  "config": asdict(self.config)}
+        atomic_write_bytes(directory / "segmenter.json", json.dumps(record, indent=2).encode())
+
+    @classmethod
+    def from_pretrained(cls, directory: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu"
+                        ) -> "DiffusionFeatureSegmenter":
+        directory = Path(directory)
+        record = json.loads((directory / "segmenter.json").read_text())
+        raw = record["config"]
+        config = DiffusionFeaturesConfig(**{**raw, "features": FeatureConfig(**raw["features"])})
+        model = cls(config, record["num_classes"], record["seed"], device)
+        model.ensemble.load_state_dict(PixelEnsemble.from_pretrained(directory).state_dict())
+        return model.eval()

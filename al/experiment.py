@@ -18,16 +18,22 @@ from typing import Optional
 import numpy as np
 import torch
 
+from al.acquisition import ACQUISITIONS, pool_predictions
 from al.config import require
 from al.data import LAYOUTS, DigitScenesConfig, digit_scenes, load_folder
 from al.data.base import SegmentationDataset
 from al.data.folder import atomic_write_bytes
 from al.labels import SparseLabels
-from al.loop import ActiveLearningLoop, GroundTruthOracle, HumanOracle, LoopConfig
-from al.mc import mc_probs
-from al.models import Segmenter
+from al.loop import (
+    LEARNERS,
+    ActiveLearningLoop,
+    GroundTruthOracle,
+    HumanOracle,
+    LoopConfig,
+)
+from al.models import load_model
 from al.plots import plot_learning_curves, plot_uncertainty_maps
-from al.scores import SCORES, balanced_entropy, bald, entropy, marginal_confidence
+from al.scores import balanced_entropy, bald, entropy, marginal_confidence
 from al.select import SELECTION_RULES
 from al.train import DenseTargetDataset, TrainConfig, evaluate, train_segmenter
 
@@ -74,7 +80,18 @@ class ExperimentConfig:
 
     def validate(self) -> None:
         for name in self.acquisitions:
-            require(name in SCORES, "acquisitions", name, f"one of {sorted(SCORES)}")
+            require(name in ACQUISITIONS, "acquisitions", name, f"one of {sorted(ACQUISITIONS)}")
+            require(self.loop.learner == "segmenter" or not ACQUISITIONS[name].needs_difficulty, "acquisitions", name,
+                    "an acquisition without DEAL's difficulty branch (only loop.learner=segmenter has it)")
+        require(self.loop.learner in LEARNERS, "loop.learner", self.loop.learner, f"one of {LEARNERS}")
+        require(self.loop.learner == "segmenter" or self.loop.synthetic.root is None, "loop.synthetic.root",
+                self.loop.synthetic.root, "null with loop.learner=diffusion_features (it trains on real labels only)")
+        require(self.loop.learner == "segmenter" or not self.supervised_reference, "supervised_reference",
+                self.supervised_reference, "false with loop.learner=diffusion_features (the reference is a segmenter)")
+        require(0.0 < self.loop.deal.pool_fraction <= 1.0, "loop.deal.pool_fraction", self.loop.deal.pool_fraction,
+                "a number in (0, 1]")
+        require(0.0 < self.loop.deal.image_share <= self.loop.deal.pool_fraction, "loop.deal.image_share",
+                self.loop.deal.image_share, "a number in (0, loop.deal.pool_fraction]")
         require(len(self.acquisitions) > 0, "acquisitions", self.acquisitions, "a non-empty list")
         require(len(self.seeds) > 0, "seeds", self.seeds, "a non-empty list")
         require(self.loop.selection in SELECTION_RULES, "loop.selection", self.loop.selection, f"one of {sorted(SELECTION_RULES)}")
@@ -185,11 +202,11 @@ def supervised_reference(config: ExperimentConfig, train_set, val_set, seed: int
 
 def uncertainty_maps(config: ExperimentConfig, val_set: SegmentationDataset, model_dir: Path, path: Path, device: torch.device) -> None:
     """Image | GT | prediction | BalEnt | BALD | entropy | P_marg for a few validation images."""
-    model = Segmenter.from_pretrained(model_dir).to(device)
+    model = load_model(model_dir, device)
     samples = [val_set[i] for i in range(min(config.uncertainty_map_images, len(val_set)))]
     images = torch.stack([s.image for s in samples]).to(device)
     generator = torch.Generator(device=device).manual_seed(0)
-    probs = mc_probs(model, images, config.loop.mc_samples, generator)
+    probs = pool_predictions(model, images, config.loop.mc_samples, generator).probs
     maps = {"BalEnt": balanced_entropy(probs), "BALD": bald(probs), "entropy": entropy(probs),
             "P_marg": marginal_confidence(probs)}
     plot_uncertainty_maps(

@@ -15,16 +15,16 @@ from pathlib import Path
 from typing import Optional, Protocol, Union
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from al.acquisition import ACQUISITIONS, get_acquisition, pool_predictions
 from al.data.base import DatasetError, SegmentationDataset
 from al.data.folder import atomic_write_bytes, load_folder
+from al.diffusion_features import DiffusionFeaturesConfig, DiffusionFeatureSegmenter
 from al.labels import SparseLabels
-from al.mc import mc_probs
-from al.models import Segmenter, build_segmenter
-from al.scores import get_score
+from al.models import Segmenter, build_segmenter, load_model
 from al.select import NotEnoughPixelsError, get_rule, top_n
 from al.train import (
     DenseTargetDataset,
@@ -46,11 +46,11 @@ class ModelConfig:
     encoder_depth: int = 4
     decoder_channels: Optional[list[int]] = field(default_factory=lambda: [64, 32, 16, 16])
 
-    def build(self, num_classes: int) -> Segmenter:
+    def build(self, num_classes: int, difficulty_size: Optional[tuple[int, int]] = None) -> Segmenter:
         decoder = tuple(self.decoder_channels) if self.decoder_channels is not None else None
         return build_segmenter(
             self.arch, self.encoder, num_classes, self.dropout, self.encoder_weights,
-            encoder_depth=self.encoder_depth, decoder_channels=decoder,
+            encoder_depth=self.encoder_depth, decoder_channels=decoder, difficulty_size=difficulty_size,
         )
 
 
@@ -73,6 +73,23 @@ class SyntheticConfig:
 
 
 @dataclass
+class DealConfig:
+    """DEAL's settings, used by the acquisitions that need its difficulty branch."""
+
+    # The attention is N x N over the logits resized to this; the paper uses about 1/6 of the
+    # image side (CamVid 60x80 for 360x480), which is 11 for 64-pixel DigitScenes.
+    size: list[int] = field(default_factory=lambda: [16, 16])
+    # Image-level rules (deal_ds, deal_de) score a random part of the pool per cycle, as the paper,
+    pool_fraction: float = 0.5
+    # and spend the cycle's pixel budget (pixels_per_image x pool) on this share of the pool's
+    # images, at random pixels inside them: the sparse-label stand-in for labelling whole images.
+    image_share: float = 0.1
+
+
+LEARNERS = ("segmenter", "diffusion_features")
+
+
+@dataclass
 class LoopConfig:
     """Settings shared by the runs of an experiment; a run adds (acquisition, seed)."""
 
@@ -84,11 +101,22 @@ class LoopConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    learner: str = "segmenter"  # or "diffusion_features": a pixel-MLP ensemble on diffusion-UNet features
+    diffusion_features: DiffusionFeaturesConfig = field(default_factory=DiffusionFeaturesConfig)
+    deal: DealConfig = field(default_factory=DealConfig)
 
     def fingerprint(self, acquisition: str, seed: int) -> str:
         values = asdict(self)
-        if self.synthetic.root is None:  # runs without synthetic data keep their earlier fingerprint
+        # settings a run does not use stay out, so earlier runs keep their fingerprint
+        if self.synthetic.root is None:
             values.pop("synthetic")
+        if self.learner == "segmenter":
+            values.pop("learner")
+            values.pop("diffusion_features")
+        else:
+            values.pop("model")
+        if acquisition not in ACQUISITIONS or not ACQUISITIONS[acquisition].needs_difficulty:
+            values.pop("deal")
         identity = {"acquisition": acquisition, "seed": seed, **values}
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -178,7 +206,10 @@ class ActiveLearningLoop:
     ):
         self.config, self.acquisition, self.seed = config, acquisition, seed
         self.train_set, self.val_set = train_set, val_set
-        self.score_fn, self.rule = get_score(acquisition), get_rule(config.selection)
+        self.spec, self.rule = get_acquisition(acquisition), get_rule(config.selection)
+        if self.spec.needs_difficulty and config.learner != "segmenter":
+            raise ValueError(f"acquisition {acquisition!r} needs DEAL's difficulty branch, which only "
+                             f"learner=segmenter has (got learner={config.learner!r})")
         self.state_dir = Path(state_dir)
         self.oracle = oracle if oracle is not None else GroundTruthOracle(train_set)
         self.device, self.progress = torch.device(device), progress
@@ -247,36 +278,71 @@ class ActiveLearningLoop:
 
         self._query("initial", choose, self.train_set.ids)
 
-    def train_model(self, cycle: int) -> Segmenter:
+    def train_model(self, cycle: int) -> nn.Module:
         torch.manual_seed(self.seed)  # same initial weights every cycle
-        model = self.config.model.build(self.train_set.num_classes).to(self.device)
+        real = SparseTargetDataset(self.train_set, self.labels, self.train_set.ignore_index)
+        if self.config.learner == "diffusion_features":
+            model = DiffusionFeatureSegmenter(self.config.diffusion_features, self.train_set.num_classes,
+                                              seed=self.seed * 1000 + cycle, device=self.device)
+            loader = DataLoader(real, batch_size=self.config.diffusion_features.extraction_batch_size)
+            model.fit(((b["image"], b["target"]) for b in tqdm(loader, desc="features", disable=not self.progress,
+                                                               leave=False)),
+                      self.train_set.ignore_index, torch.Generator().manual_seed(self.seed * 1000 + cycle))
+            return model
+        difficulty_size = tuple(self.config.deal.size) if self.spec.needs_difficulty else None
+        model = self.config.model.build(self.train_set.num_classes, difficulty_size).to(self.device)
         train_config = TrainConfig(**{**asdict(self.config.train), "seed": self.seed * 1000 + cycle})
-        sources = [TrainingSource(SparseTargetDataset(self.train_set, self.labels, self.train_set.ignore_index),
-                                  1.0 - self.config.synthetic.share if self.synthetic else 1.0)]
+        sources = [TrainingSource(real, 1.0 - self.config.synthetic.share if self.synthetic else 1.0)]
         if self.synthetic is not None:
             sources.append(self.synthetic)
         train_segmenter(model, sources, train_config, self.train_set.ignore_index, progress=self.progress)
         return model
 
-    def acquire(self, model: Segmenter, cycle: int) -> None:
-        """Score every pool image with MC dropout and label n pixels of each by the rule."""
+    def acquire(self, model: nn.Module, cycle: int) -> None:
+        """Score the pool and query pixels: n per image by the selection rule (pixel-level
+        acquisitions), or the cycle's budget spread over the best-scored images (image-level)."""
         tag = f"cycle{cycle}"
         generator = _derived_generator(self.device, self.seed, self.acquisition, cycle)
         # selection runs on CPU maps: its own CPU generator keeps runs reproducible on CUDA too
         rule_generator = _derived_generator(torch.device("cpu"), self.seed, self.acquisition, cycle, "select")
+        if self.spec.level == "image":
+            self._acquire_images(model, tag, generator, rule_generator)
+            return
         pending = [i for i in self.train_set.ids if not self.labels.has_tag(i, tag)]
-        # a Subset streams images batch by batch instead of holding every pending image at once
-        subset = Subset(self.train_set, [self.train_set.index_of(i) for i in pending])
-        loader = DataLoader(subset, batch_size=self.config.inference_batch_size, collate_fn=collate_samples)
-        for batch in tqdm(loader, desc=f"acquire {self.acquisition}", disable=not self.progress, leave=False):
-            probs = mc_probs(model, batch["image"].to(self.device), self.config.mc_samples, generator)
-            scores = self.score_fn(probs, generator).cpu()  # [B, H, W]
-            by_id = dict(zip(batch["id"], scores))
+        for ids, scores in self._score(model, pending, generator):
+            by_id = dict(zip(ids, scores))
 
             def choose(image_id: str, available: Tensor) -> Tensor:
                 return self.rule(by_id[image_id], available, self.config.pixels_per_image, rule_generator)
 
-            self._query(tag, choose, batch["id"])
+            self._query(tag, choose, ids)
+
+    def _score(self, model: nn.Module, image_ids: list[str], generator: torch.Generator):
+        """Yield ``(ids, scores)`` batch by batch; a Subset streams the images instead of holding
+        them all at once."""
+        subset = Subset(self.train_set, [self.train_set.index_of(i) for i in image_ids])
+        loader = DataLoader(subset, batch_size=self.config.inference_batch_size, collate_fn=collate_samples)
+        for batch in tqdm(loader, desc=f"acquire {self.acquisition}", disable=not self.progress, leave=False):
+            predictions = pool_predictions(model, batch["image"].to(self.device), self.config.mc_samples, generator)
+            yield batch["id"], self.spec.score(predictions, generator).cpu()
+
+    def _acquire_images(self, model: nn.Module, tag: str, generator: torch.Generator,
+                        rule_generator: torch.Generator) -> None:
+        """DEAL's image-level rules: rank a random ``deal.pool_fraction`` of the pool and label
+        random pixels of the best ``deal.image_share`` of it, as many as a pixel-level cycle."""
+        deal, ids = self.config.deal, self.train_set.ids
+        sampled = torch.randperm(len(ids), generator=rule_generator)[:max(1, round(deal.pool_fraction * len(ids)))]
+        candidates = [ids[i] for i in sorted(sampled.tolist())]
+        scores = torch.cat([batch_scores for _, batch_scores in self._score(model, candidates, generator)])
+        count = min(len(candidates), max(1, round(deal.image_share * len(ids))))
+        chosen = [candidates[i] for i in scores.topk(count).indices.tolist()]
+        per_image = -(-self.config.pixels_per_image * len(ids) // count)
+
+        def choose(image_id: str, available: Tensor) -> Tensor:
+            return top_n(torch.rand(available.shape, generator=rule_generator), available,
+                         min(per_image, int(available.sum())))
+
+        self._query(tag, choose, chosen)
 
     def run(self) -> list[CycleRecord]:
         """Run (or resume) all cycles; returns one record per cycle (cycles + 1 evaluations).
@@ -290,7 +356,7 @@ class ActiveLearningLoop:
             if done and self.records[cycle].acquired:
                 continue
             if done:  # trained and evaluated before a crash; only the acquisition is missing
-                model = Segmenter.from_pretrained(model_dir).to(self.device)
+                model = load_model(model_dir, self.device)
             else:
                 model = self.train_model(cycle)
                 model.save_pretrained(model_dir)

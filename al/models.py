@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from al.deal import DifficultyBranch
 from al.pretrained import LOCAL_ENCODER_WEIGHTS
 
 ARCHITECTURES: dict[str, type] = {
@@ -42,13 +43,17 @@ class SegmenterConfig:
     encoder_depth: int = 5
     # smp's own decoder width argument (a list for Unet, an int for DeepLabV3Plus); None = smp default.
     decoder_channels: Optional[Union[int, tuple[int, ...]]] = None
+    # DEAL's difficulty branch on the logits (al.deal), at this (h, w); None = no branch.
+    difficulty_size: Optional[tuple[int, int]] = None
 
 
 class Segmenter(nn.Module):
     """An smp model whose head is ``Dropout -> 1x1 conv -> upsample``.
 
     ``features(x)`` runs encoder + decoder once; ``classify(features)`` runs the head.
-    ``forward(x) = classify(features(x))`` returns logits ``[N, C, H, W]``.
+    ``forward(x) = classify(features(x))`` returns logits ``[N, C, H, W]``. With
+    ``config.difficulty_size`` it also carries DEAL's difficulty branch (``difficulty(logits)``),
+    trained by ``al.train`` beside the segmentation loss.
     """
 
     def __init__(self, config: SegmenterConfig, encoder_weights: Optional[str] = None):
@@ -80,6 +85,22 @@ class Segmenter(nn.Module):
         conv = self.net.segmentation_head[0]
         # A 1x1 classifier, so that dropout before it is per-pixel last-layer MC dropout.
         self.net.segmentation_head[0] = nn.Conv2d(conv.in_channels, config.num_classes, kernel_size=1)
+        self.difficulty_branch = (DifficultyBranch(config.num_classes, config.difficulty_size)
+                                  if config.difficulty_size is not None else None)
+
+    def difficulty(self, logits: Tensor) -> Tensor:
+        """DEAL's difficulty map of these logits, ``[N, C, H, W] -> [N, H, W]`` in (0, 1)."""
+        if self.difficulty_branch is None:
+            raise ValueError("this segmenter has no difficulty branch; build it with difficulty_size=(h, w)")
+        return self.difficulty_branch(logits)
+
+    def optimizer_groups(self, lr: float) -> list[dict]:
+        """Adam parameter groups: DEAL's attention gamma learns 10x faster, as in the reference."""
+        if self.difficulty_branch is None:
+            return [{"params": list(self.parameters()), "lr": lr}]
+        branch = {id(p) for p in self.difficulty_branch.parameters()}
+        rest = [p for p in self.parameters() if id(p) not in branch]
+        return [{"params": rest, "lr": lr}, *self.difficulty_branch.parameter_groups(lr)]
 
     @property
     def num_classes(self) -> int:
@@ -134,6 +155,11 @@ class Segmenter(nn.Module):
             )
         return logits
 
+    @torch.no_grad()
+    def predict(self, images: Tensor) -> Tensor:
+        """Class ids, ``[N, 3, H, W] -> [N, H, W]``."""
+        return self(images).argmax(1)
+
     def save_pretrained(self, directory: Union[str, os.PathLike]) -> None:
         """Write ``config.json`` + ``model.safetensors``; each file appears atomically."""
         directory = Path(directory)
@@ -148,7 +174,8 @@ class Segmenter(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: Union[str, os.PathLike], map_location: str = "cpu") -> "Segmenter":
-        """Load a segmenter written by :meth:`save_pretrained`."""
+        """Load a segmenter written by :meth:`save_pretrained`, in eval mode (as transformers and
+        diffusers load models)."""
         directory = Path(directory)
         config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
         for path in (config_path, weights_path):
@@ -157,14 +184,15 @@ class Segmenter(nn.Module):
         try:
             raw = json.loads(config_path.read_text())
             raw.pop("class", None)
-            if isinstance(raw.get("decoder_channels"), list):
-                raw["decoder_channels"] = tuple(raw["decoder_channels"])
+            for key in ("decoder_channels", "difficulty_size"):
+                if isinstance(raw.get(key), list):
+                    raw[key] = tuple(raw[key])
             config = SegmenterConfig(**raw)
         except (json.JSONDecodeError, TypeError) as error:
             raise ValueError(f"{config_path} is not a valid segmenter config: {error}") from error
         model = cls(config)
         model.load_state_dict(load_file(str(weights_path), device=map_location))
-        return model
+        return model.eval()
 
 
 def build_segmenter(
@@ -176,12 +204,25 @@ def build_segmenter(
     in_channels: int = 3,
     encoder_depth: int = 5,
     decoder_channels: Optional[Union[int, tuple[int, ...]]] = None,
+    difficulty_size: Optional[tuple[int, int]] = None,
 ) -> Segmenter:
     """Build a :class:`Segmenter`: any smp architecture in ``ARCHITECTURES`` and any smp encoder.
 
     ``encoder_weights=None`` (the default) initialises randomly; a name in
     ``al.pretrained.LOCAL_ENCODER_WEIGHTS`` loads weights shipped in an installed package; other
-    values are passed to smp, which may download them.
+    values are passed to smp, which may download them. ``difficulty_size`` adds DEAL's
+    difficulty branch.
     """
-    config = SegmenterConfig(arch, encoder, num_classes, dropout, in_channels, encoder_depth, decoder_channels)
+    config = SegmenterConfig(arch, encoder, num_classes, dropout, in_channels, encoder_depth, decoder_channels,
+                             tuple(difficulty_size) if difficulty_size is not None else None)
     return Segmenter(config, encoder_weights)
+
+
+def load_model(directory: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu") -> nn.Module:
+    """Any model the project saves: a :class:`Segmenter`, or a diffusion-feature pixel ensemble
+    (``al.diffusion_features.DiffusionFeatureSegmenter``, recognised by its ``segmenter.json``)."""
+    if (Path(directory) / "segmenter.json").is_file():
+        from al.diffusion_features import DiffusionFeatureSegmenter
+
+        return DiffusionFeatureSegmenter.from_pretrained(directory, device)
+    return Segmenter.from_pretrained(directory).to(device)

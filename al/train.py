@@ -10,11 +10,12 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, WeightedRandomSampler
 from tqdm.auto import tqdm
 
 from al.data.base import Sample, SegmentationDataset
+from al.deal import difficulty_loss
 from al.labels import SparseLabels
 from al.metrics import SegmentationScores, confusion_matrix
 from al.models import Segmenter
@@ -141,7 +142,9 @@ def train_segmenter(
     progress: bool = True,
 ) -> TrainResult:
     """Train in place with Adam on ``{"image", "target"}`` items, from one dataset or mixed
-    :class:`TrainingSource` s; returns the loss per epoch."""
+    :class:`TrainingSource` s; returns the loss per epoch. A segmenter with DEAL's difficulty
+    branch also learns it: its weighted BCE against the segmenter's own errors on the labelled
+    pixels is added to the loss (``al.deal.difficulty_loss``)."""
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.mixed_precision)
     generator = torch.Generator().manual_seed(config.seed)
     sources = list(train_set) if isinstance(train_set, (list, tuple)) else [TrainingSource(train_set)]
@@ -151,7 +154,8 @@ def train_segmenter(
                             generator=generator)
     else:
         loader = _mixed_loader(sources, config.batch_size, generator)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.Adam(model.optimizer_groups(config.lr), lr=config.lr, weight_decay=config.weight_decay)
+    branch = model.difficulty_branch
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     model.train()
     result = TrainResult()
@@ -160,8 +164,10 @@ def train_segmenter(
         total, batches = 0.0, 0
         for batch in loader:
             with accelerator.autocast():
-                loss = mixed_cross_entropy(model(batch["image"]), batch["target"], batch["source"], loss_weights,
-                                           ignore_index)
+                logits = model(batch["image"])
+                loss = mixed_cross_entropy(logits, batch["target"], batch["source"], loss_weights, ignore_index)
+                if branch is not None:  # gradients reach the logits too, as in DEAL
+                    loss = loss + difficulty_loss(branch(logits.float()), logits, batch["target"], ignore_index)
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             optimizer.step()
@@ -173,15 +179,16 @@ def train_segmenter(
 
 
 @torch.no_grad()
-def evaluate(model: Segmenter, dataset: SegmentationDataset, batch_size: int = 32, progress: bool = False) -> SegmentationScores:
-    """mIoU of the argmax prediction against the dense masks of ``dataset``."""
+def evaluate(model: nn.Module, dataset: SegmentationDataset, batch_size: int = 32, progress: bool = False) -> SegmentationScores:
+    """mIoU of ``model.predict`` (a segmenter's argmax, an ensemble's majority vote) against the
+    dense masks of ``dataset``."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     confusion = torch.zeros(dataset.num_classes, dataset.num_classes, dtype=torch.long)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_samples)
     for batch in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
-        pred = model(batch["image"].to(device)).argmax(1)
+        pred = model.predict(batch["image"].to(device))
         confusion += confusion_matrix(pred, batch["mask"].to(device), dataset.num_classes, dataset.ignore_index)
     model.train(was_training)
     return SegmentationScores.from_confusion(confusion)

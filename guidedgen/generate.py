@@ -21,7 +21,7 @@ from al.config import require
 from al.data.base import SegmentationDataset, read_index_mask
 from al.data.folder import load_folder, read_metadata
 from al.experiment import DATA_KINDS, DataConfig
-from al.models import Segmenter
+from al.models import Segmenter, load_model
 from al.scores import entropy
 from guidedgen.components import (
     SCHEDULERS,
@@ -58,7 +58,7 @@ class GuidanceConfig:
     clip: Optional[float] = None
     decay: str = "constant"
     gradient_path: str = "through_unet"
-    segmenters: list[str] = field(default_factory=list)  # Segmenter.save_pretrained folders
+    segmenters: list[str] = field(default_factory=list)  # saved models (al.models.load_model): segmenters or a pixel ensemble
     committee_kind: str = "kl"
     emc_labels: str = "mask"
     mc_samples: int = 8
@@ -121,7 +121,7 @@ class GenerateConfig:
         require(self.guidance.strength == 0 or self.guidance.objective is None or len(self.guidance.segmenters) > 0,
                 "guidance.segmenters", self.guidance.segmenters, "at least one segmenter folder when strength > 0")
         for path in self.guidance.segmenters + ([self.quality_segmenter] if self.quality_segmenter else []):
-            require(Path(path, "config.json").is_file(), "guidance.segmenters", path, "a folder written by Segmenter.save_pretrained")
+            require(Path(path, "config.json").is_file(), "guidance.segmenters", path, "a folder written by Segmenter.save_pretrained (or a diffusion-feature ensemble)")
         require(self.components.scheduler in SCHEDULERS, "components.scheduler", self.components.scheduler, f"one of {sorted(SCHEDULERS)}")
         require(self.components.mixed_precision in TORCH_DTYPES, "components.mixed_precision",
                 self.components.mixed_precision, f"one of {sorted(TORCH_DTYPES)}")
@@ -208,9 +208,9 @@ def run_generation(config: GenerateConfig, state: Optional[PartialState] = None)
         writer = GenerationWriter(config.output_dir, classes, palette.colours.tolist(), config.defining_config(),
                                   ignore_index, overwrite=config.overwrite and state.is_main_process, versions=versions)
     mine = writer.pending(shard(range(config.num_samples), state.process_index, state.num_processes))
-    segmenters = [Segmenter.from_pretrained(p).to(device) for p in config.guidance.segmenters]
+    segmenters = [load_model(p, device) for p in config.guidance.segmenters]
     quality_path = config.quality_segmenter or (config.guidance.segmenters[0] if config.guidance.segmenters else None)
-    quality_model = Segmenter.from_pretrained(quality_path).to(device) if quality_path else None
+    quality_model = load_model(quality_path, device) if quality_path else None
     sampler = build_sampler(config, build_components(config, device), palette, segmenters, ignore_index)
     batches = [mine[i:i + config.batch_size] for i in range(0, len(mine), config.batch_size)]
     for batch in tqdm(batches, desc=f"generate (process {state.process_index})", disable=not config.progress):
@@ -258,7 +258,7 @@ def write_contact_sheet(config: GenerateConfig, path: Path) -> Optional[Path]:
                          for s in samples]).to(device)
     classes = list(dataset.classes)
     palette = build_palette(config.palette, classes, dataset.ignore_index)
-    segmenter = Segmenter.from_pretrained(config.guidance.segmenters[0]).to(device)
+    segmenter = load_model(config.guidance.segmenters[0], device)
     unguided = build_sampler(config, build_components(config, device), palette, [], dataset.ignore_index, strength=0.0)
     seeds = [records[s.id]["seed"] for s in samples]
     prompts = [records[s.id]["prompt"] for s in samples]

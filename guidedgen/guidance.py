@@ -48,16 +48,19 @@ class _SegmenterObjective(nn.Module):
 
     def __init__(self, segmenters: Sequence[Segmenter], ignore_index: int = 255):
         super().__init__()
-        if len(segmenters) < self.min_segmenters:
-            raise ValueError(f"{type(self).__name__} needs at least {self.min_segmenters} segmenters, got {len(segmenters)}")
+        members = sum(getattr(segmenter, "num_members", 1) for segmenter in segmenters)
+        if members < self.min_segmenters:
+            raise ValueError(f"{type(self).__name__} needs at least {self.min_segmenters} committee members, got {members}")
         self.segmenters = nn.ModuleList(segmenters)
         self.ignore_index = ignore_index
         for segmenter in self.segmenters:
             segmenter.eval().requires_grad_(False)
 
     def member_probs(self, images: Tensor) -> Tensor:
-        """Softmax of every segmenter stacked as the K axis: ``[K, N, C, H, W]``."""
-        return torch.stack([segmenter(images).softmax(1) for segmenter in self.segmenters])
+        """Softmax of every segmenter stacked as the K axis: ``[K, N, C, H, W]``. An ensemble
+        (``al.diffusion_features.DiffusionFeatureSegmenter``) contributes each of its members."""
+        return torch.cat([segmenter.member_probs(images) if hasattr(segmenter, "member_probs")
+                          else segmenter(images).softmax(1)[None] for segmenter in self.segmenters])
 
 
 class PredictiveEntropy(_SegmenterObjective):

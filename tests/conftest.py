@@ -90,3 +90,13 @@ def waiting_run(tmp_path):
     with pytest.raises(AwaitingAnnotations, match="queried pixels of 'initial' wait"):
         run_experiment(config)
     return run_dir(tmp_path, "entropy", 0)
+
+
+@pytest.fixture(scope="session")
+def tiny_diffusion_folder(tmp_path_factory):
+    """A tiny latent SD set saved in the diffusers layout (the diffusion-feature UNet)."""
+    from guidedgen.components import tiny_components
+
+    path = tmp_path_factory.mktemp("tiny_sd")
+    tiny_components(seed=0).save_pretrained(path)
+    return path

@@ -101,7 +101,7 @@ def test_every_objective_is_per_image_and_differentiable(name, guiding_segmenter
 def test_unknown_objective_and_small_committee_are_explained(guiding_segmenters):
     with pytest.raises(KeyError, match="expected_model_change"):
         build_objective("uncertainty", guiding_segmenters)
-    with pytest.raises(ValueError, match="at least 2 segmenters"):
+    with pytest.raises(ValueError, match="at least 2 committee members"):
         build_objective("committee", guiding_segmenters[:1])
 
 
