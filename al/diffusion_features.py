@@ -159,27 +159,47 @@ def sample_pixels(
     """Training pixels: up to ``pixels_per_image`` labelled pixels of each image, features in
     float16, streamed batch by batch so memory never holds more than one batch's dense features.
 
+    When more pixels arrive than ``budget_bytes`` of fp16 features hold, a uniform sample of all
+    of them is kept (reservoir sampling), so memory is bounded whatever the number of images.
     ``batches`` yields ``(images [B, 3, H, W], targets [B, H, W])`` (sparse or dense labels).
-    Raises before allocating past ``budget_bytes``. Returns ``(features [P, D] fp16, labels [P])``.
+    Returns ``(features [P, D] fp16, labels [P])``.
     """
-    features, labels, used = [], [], 0
+    buffer: Optional[Tensor] = None
+    labels: Optional[Tensor] = None
+    filled = seen = 0
     for images, targets in batches:
         dense = extractor(images)  # [B, D, H, W] for this batch only
+        if buffer is None:
+            capacity = budget_bytes // (dense.shape[1] * 2)
+            if capacity < 1:
+                raise MemoryError(f"the feature budget of {budget_bytes} bytes holds no {dense.shape[1]}-dim pixel")
+            buffer = torch.empty(0, dense.shape[1], dtype=torch.float16)
+            labels = torch.empty(0, dtype=torch.long)
         for b in range(len(images)):
             flat = targets[b].reshape(-1)
             index = (flat != ignore_index).nonzero().squeeze(1)
             if index.numel() > pixels_per_image:
                 index = index[torch.randperm(index.numel(), generator=generator)[:pixels_per_image]]
-            chosen = dense[b].flatten(1)[:, index.to(dense.device)].T.to(torch.float16)  # [p, D]
-            used += chosen.numel() * chosen.element_size()
-            if used > budget_bytes:
-                raise MemoryError(
-                    f"training pixels need more than the feature budget of {budget_bytes / 2**20:.0f} MB; "
-                    f"lower pixels_per_image ({pixels_per_image}) or raise the budget"
-                )
-            features.append(chosen.cpu())
-            labels.append(flat[index].cpu())
-    return torch.cat(features), torch.cat(labels)
+            chosen = dense[b].flatten(1)[:, index.to(dense.device)].T.to(torch.float16).cpu()  # [p, D]
+            classes = flat[index].cpu().long()
+            room = min(capacity - filled, len(chosen))
+            if room > 0:  # the reservoir is not full yet: keep everything
+                buffer, labels = torch.cat([buffer, chosen[:room]]), torch.cat([labels, classes[:room]])
+                filled, seen = filled + room, seen + room
+                chosen, classes = chosen[room:], classes[room:]
+            if len(chosen):  # candidate j replaces slot r_j ~ U{0, ..., seen + j} when r_j < capacity
+                draws = (torch.rand(len(chosen), generator=generator, dtype=torch.float64)
+                         * (seen + 1 + torch.arange(len(chosen), dtype=torch.float64))).long()
+                keep = (draws < capacity).nonzero().squeeze(1)
+                slots, order = draws[keep], keep
+                # a later candidate wins a slot drawn twice, as in the sequential algorithm
+                last = torch.zeros(capacity, dtype=torch.long).scatter_reduce(0, slots, order, "amax", include_self=False)
+                winners = torch.unique(slots)
+                buffer[winners], labels[winners] = chosen[last[winners]], classes[last[winners]]
+                seen += len(chosen)
+    if buffer is None:
+        raise ValueError("no images to sample training pixels from")
+    return buffer, labels
 
 
 @dataclass
@@ -347,8 +367,8 @@ class DiffusionFeatureSegmenter(nn.Module):
 
     def fit(self, batches: Iterable[tuple[Tensor, Tensor]], ignore_index: int = 255,
             generator: Optional[torch.Generator] = None) -> list[int]:
-        """Sample training pixels of ``(images, targets)`` batches inside the feature budget and
-        train every member; returns each member's iterations."""
+        """Sample training pixels of ``(images, targets)`` batches (a uniform sample of them once
+        they exceed the feature budget) and train every member; returns each member's iterations."""
         device = next(self.ensemble.parameters()).device
         features, labels = sample_pixels(
             self.extractor, ((images.to(device), targets) for images, targets in batches), self.config.pixels_per_image,

@@ -61,7 +61,7 @@ def test_conditional_latent_unet_with_named_blocks():
         DiffusionFeatureExtractor(components.unet, DDPMScheduler(), FeatureConfig(blocks=["output_blocks.5"]))
 
 
-def test_pixel_sampling_is_half_precision_and_respects_the_budget(pixel_unet):
+def test_pixel_sampling_is_half_precision_and_per_image(pixel_unet):
     extractor = DiffusionFeatureExtractor(pixel_unet, DDPMScheduler(), FeatureConfig(timesteps=[50]))
     targets = torch.full((2, 32, 32), 255)
     targets[0, :4, :4] = 1  # 16 labelled pixels in image 0, none in image 1
@@ -69,7 +69,23 @@ def test_pixel_sampling_is_half_precision_and_respects_the_budget(pixel_unet):
                                      budget_bytes=10**6, generator=torch.Generator().manual_seed(0))
     assert features.dtype == torch.float16 and features.shape == (10, 24) and (labels == 1).all()
     with pytest.raises(MemoryError, match="feature budget"):
-        sample_pixels(extractor, [(torch.rand(2, 3, 32, 32), targets)], 10, budget_bytes=100)
+        sample_pixels(extractor, [(torch.rand(2, 3, 32, 32), targets)], 10, budget_bytes=10)
+
+
+def test_pixel_sampling_keeps_a_uniform_sample_inside_the_budget():
+    # identity "extractor": a pixel's feature is its image's id, so the kept pixels show where
+    # they came from; 40 images x 50 labelled pixels into room for 200 (a 1-dim fp16 is 2 bytes)
+    images = torch.arange(40.0).view(40, 1, 1, 1).expand(40, 1, 10, 5)
+    targets = (torch.arange(40) % 3).view(40, 1, 1).expand(40, 10, 5)
+    batches = [(images[i:i + 8], targets[i:i + 8]) for i in range(0, 40, 8)]
+    features, labels = sample_pixels(lambda x: x, batches, pixels_per_image=50, budget_bytes=400,
+                                     generator=torch.Generator().manual_seed(0))
+    assert features.shape == (200, 1) and features.numel() * features.element_size() <= 400
+    source = features[:, 0].long()
+    assert torch.equal(labels, source % 3)  # features and labels stay paired
+    per_half = torch.bincount((source >= 20).long(), minlength=2)
+    assert 70 <= per_half[0] <= 130 and 70 <= per_half[1] <= 130  # early and late images alike (uniform)
+    assert len(torch.unique(features[:, 0])) > 30
 
 
 def test_ensemble_architecture_and_init_follow_the_reference():

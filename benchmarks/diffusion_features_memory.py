@@ -1,0 +1,92 @@
+"""Peak memory and time of diffusion-feature extraction + pixel-ensemble training: ours (pixels
+sampled per image, fp16 features, streamed batch by batch, inside a byte budget) against a dense
+float32 reimplementation of the reference (ddpm-segmentation keeps every training pixel's
+features as one float32 [pixels, D] array, then trains on all of them), same UNet, same
+ensemble recipe, same run. Each (variant, image count) runs in its own process, so its peak RSS
+above the loaded model and data is measured alone.
+
+    python benchmarks/diffusion_features_memory.py [--images 10 50 200 --members 10]
+
+Last line: ``ratio: <ours peak extra MB / dense reference peak extra MB, at 50 images>``.
+"""
+
+import argparse
+import multiprocessing as mp
+import resource
+import time
+
+import torch
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker(variant: str, count: int, args, queue) -> None:
+    from al.data import DigitScenesConfig, digit_scenes
+    from al.diffusion_features import (
+        EnsembleConfig,
+        PixelEnsemble,
+        load_feature_extractor,
+        sample_pixels,
+    )
+
+    torch.set_num_threads(args.threads)
+    extractor = load_feature_extractor(args.model)
+    dataset = digit_scenes(DigitScenesConfig(num_images=count, size=args.size))
+    images = torch.from_numpy(dataset.images).permute(0, 3, 1, 2).float().div(255)
+    masks = torch.from_numpy(dataset.masks).long()
+    batches = [(images[i:i + args.batch], masks[i:i + args.batch]) for i in range(0, count, args.batch)]
+    ensemble = PixelEnsemble(EnsembleConfig(in_features=extractor.dim, num_classes=dataset.num_classes,
+                                            num_members=args.members))
+    extractor(images[:1])  # first-call allocations belong to neither variant
+    base = rss_mb()
+    start = time.perf_counter()
+    if variant == "ours":
+        features, labels = sample_pixels(extractor, batches, args.pixels_per_image, args.budget_mb * 2**20,
+                                         generator=torch.Generator().manual_seed(0))
+    else:  # the reference: dense float32 features of every pixel, all in memory, then flattened
+        dense = torch.cat([extractor(batch) for batch, _ in batches])  # [N, D, H, W] float32
+        features = dense.permute(0, 2, 3, 1).reshape(-1, dense.shape[1])
+        del dense
+        labels = masks.reshape(-1)
+    extracted = time.perf_counter() - start
+    ensemble.fit(features, labels)
+    seconds = time.perf_counter() - start
+    queue.put((variant, count, extracted, seconds, rss_mb() - base, len(labels), features.dtype == torch.float16))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="models/digitscenes-controlnet")
+    parser.add_argument("--images", type=int, nargs="+", default=[10, 50, 200])
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--members", type=int, default=10)
+    parser.add_argument("--pixels-per-image", type=int, default=2000)
+    parser.add_argument("--budget-mb", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    context = mp.get_context("spawn")
+    results = {}
+    print(f"{'variant':<10} {'images':>6} {'pixels':>9} {'extract s':>9} {'total s':>8} {'peak extra MB':>13}")
+    for count in args.images:
+        for variant in ("reference", "ours"):
+            queue = context.Queue()
+            process = context.Process(target=worker, args=(variant, count, args, queue))
+            process.start()
+            result = queue.get()
+            process.join()
+            _, _, extracted, seconds, extra, pixels, _ = result
+            results[variant, count] = result
+            print(f"{variant:<10} {count:>6} {pixels:>9} {extracted:>9.1f} {seconds:>8.1f} {extra:>13.0f}")
+    for count in args.images:
+        memory = results["ours", count][4] / max(results["reference", count][4], 1.0)
+        time_ratio = results["ours", count][3] / results["reference", count][3]
+        print(f"{count} images: ours / reference peak extra memory {memory:.3f}, time {time_ratio:.2f}")
+    at = 50 if 50 in args.images else args.images[0]
+    print(f"ratio: {results['ours', at][4] / max(results['reference', at][4], 1.0):.3f}")
+
+
+if __name__ == "__main__":
+    main()

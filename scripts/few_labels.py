@@ -1,0 +1,29 @@
+"""Few densely labelled images: diffusion-feature pixel ensemble vs smp segmenters.
+
+    python scripts/few_labels.py --config configs/few_labels_digits.yaml [key=value ...]
+
+Re-running with the same output_dir resumes; results.csv, summary.md and miou.png are rebuilt.
+"""
+
+import sys
+
+from al.config import ConfigError, cli_parser, load_config
+from al.data.base import DatasetError
+from al.few_labels import FewLabelsConfig, run_few_labels
+
+
+def main(argv=None) -> int:
+    args = cli_parser(__doc__).parse_args(argv)
+    try:
+        config = load_config(FewLabelsConfig, args.config, args.overrides)
+        summary = run_few_labels(config)
+    except (ConfigError, DatasetError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(summary)
+    print(f"wrote {config.output_dir}/results.csv, summary.md, miou.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
