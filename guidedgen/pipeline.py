@@ -75,14 +75,20 @@ class PipelineConfig:
 
 
 class StageLog:
-    """Wall time and peak memory (process max RSS so far) of each stage, appended to stages.csv."""
+    """Wall time and peak memory (process max RSS so far) of each stage, appended to stages.csv.
+    A stage already logged by an earlier run is resumed (a no-op when finished) but keeps its
+    first row, so a re-run does not add zero-second entries."""
 
     def __init__(self, path: Path):
         self.path = path
+        self.logged = {row["stage"] for row in csv.DictReader(open(path))} if path.exists() else set()
 
     def run(self, name: str, work: Callable[[], object]):
         start = time.perf_counter()
         result = work()
+        if name in self.logged:
+            return result
+        self.logged.add(name)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         new = not self.path.exists()
         with open(self.path, "a", newline="") as handle:
