@@ -33,9 +33,14 @@ Encode = Callable[[Tensor], Tensor]
 @dataclass
 class FeatureConfig:
     # Names of UNet submodules whose outputs are taken. Default: every decoder level of a
-    # diffusers UNet (one block per resolution), so coarse semantics and fine detail both enter;
-    # the reference's {5, 6, 7, 8, 12} indexes guided-diffusion's 18 output blocks instead.
+    # diffusers UNet (``up_blocks.i``, one per resolution), so coarse semantics and fine detail
+    # both enter. The reference's {5, 6, 7, 8, 12} index guided-diffusion's 18 output blocks
+    # (middle-to-fine resolutions); our DigitScenes UNet has only 3 decoder levels (4x4, 8x8 and
+    # 16x16 latents for 64x64 images), so all of them: 128 + 64 + 32 = 224 channels per step.
     blocks: Optional[list[str]] = None
+    # Our UNets use the same 1000-step DDPM schedule family as the reference, where these steps
+    # keep most of the image (scaled-linear betas: alpha_bar = 0.95, 0.83, 0.67), so the
+    # reference's {50, 150, 250} carry over: low noise for detail, more noise for semantics.
     timesteps: list[int] = field(default_factory=lambda: [50, 150, 250])
     noise_seed: int = 0
 
