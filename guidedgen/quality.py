@@ -26,7 +26,7 @@ def assess(segmenter: Segmenter, images: Tensor, masks: Tensor, ignore_index: in
     Shape: ``images [N, 3, H, W] in [0, 1], masks [N, H, W] -> (N qualities, [N, H, W] bool)``.
     A near-constant image (std below ``min_image_std``, e.g. black) is degenerate.
     """
-    prediction = segmenter.eval()(images).argmax(1)
+    prediction = segmenter.eval().predict(images)
     disagree = (prediction != masks) & (masks != ignore_index)
     qualities = []
     for i in range(len(images)):
