@@ -5,7 +5,7 @@ segmenter trained on *real* DigitScenes, on images generated from those masks (u
 it, the same segmenter on the real images of those masks (the judge's own ceiling) and on their
 VAE reconstructions (the ceiling any sample of this VAE can reach).
 
-    python scripts/train_segmenter.py --config configs/segmenter_fidelity.yaml   # the judge, once
+    python scripts/train_segmenter.py --config configs/segmenter_judge.yaml   # the judge, once
     python benchmarks/mask_fidelity.py [--model models/digitscenes-controlnet --count 64]
 
 Last line: ``mask_fidelity: <mIoU of generated images>``.
@@ -55,7 +55,7 @@ def sheet(masks, generated, predictions, real, colours, path: Path, rows: int = 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="models/digitscenes-controlnet")
-    parser.add_argument("--judge", default="outputs/segmenter_fidelity")
+    parser.add_argument("--judge", default="outputs/segmenter_judge")
     parser.add_argument("--count", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance-scale", type=float, default=2.0)
@@ -65,7 +65,7 @@ def main() -> None:
     args = parser.parse_args()
     if not Path(args.judge, "config.json").is_file():
         raise SystemExit(f"no judge segmenter at {args.judge}: run "
-                         f"`python scripts/train_segmenter.py --config configs/segmenter_fidelity.yaml` first")
+                         f"`python scripts/train_segmenter.py --config configs/segmenter_judge.yaml` first")
     model = Path(args.model)
     components = load_components(ComponentsConfig(pretrained_model_name_or_path=str(model),
                                                   controlnet_model_name_or_path=[str(model / "controlnet")],
