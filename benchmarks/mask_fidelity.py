@@ -59,6 +59,7 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance-scale", type=float, default=2.0)
+    parser.add_argument("--conditioning-scale", type=float, default=1.0, help="controlnet_conditioning_scale")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--sheet", default="docs/results/mask_fidelity.png")
     parser.add_argument("--write-quality", action="store_true", help="also write <model>/quality.json")
@@ -77,7 +78,8 @@ def main() -> None:
     real = torch.from_numpy(data.images).permute(0, 3, 1, 2).float() / 255
     palette = build_palette(PaletteConfig(), classes, data.ignore_index)
     sampler = GuidedControlNetSampler(components, palette, num_inference_steps=args.steps,
-                                      guidance_scale=args.guidance_scale, negative_prompt="")
+                                      guidance_scale=args.guidance_scale, negative_prompt="",
+                                      controlnet_conditioning_scale=[args.conditioning_scale])
     start = time.perf_counter()
     generated = torch.cat([
         sampler(masks[i:i + args.batch], [prompt_for(m, classes) for m in masks[i:i + args.batch]],
@@ -96,6 +98,7 @@ def main() -> None:
     sheet(masks.numpy(), to_uint8(generated), predictions.numpy(), to_uint8(real), colours, Path(args.sheet))
     result = {"mask_fidelity_miou": fidelity, "judge_on_real_miou": real_miou, "judge_on_vae_reconstructions_miou": vae_miou,
               "held_out_masks": args.count, "steps": args.steps, "guidance_scale": args.guidance_scale,
+              "controlnet_conditioning_scale": args.conditioning_scale,
               "seconds_per_sample": seconds / args.count, "judge": args.judge}
     if args.write_quality:
         (model / "quality.json").write_text(json.dumps(result, indent=2))
