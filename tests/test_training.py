@@ -66,6 +66,7 @@ def test_a_folder_of_another_run_is_refused(tmp_path, capsys):
     ("data.size=34", "'data.size'"),
     ("proportion_empty_prompts=1.5", "proportion_empty_prompts"),
     ("save_dtype=fp8", "save_dtype"),
+    ("foreground_loss_weight=0", "foreground_loss_weight"),
 ])
 def test_bad_training_configs_are_explained(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
@@ -88,3 +89,33 @@ def test_decoder_finetuning_keeps_the_latent_space():
         assert not torch.allclose(vae.decode(latents_before).sample, decoded_before)
     assert len(losses) == 5 and all(torch.isfinite(torch.tensor(losses)))
     assert not any(p.requires_grad for p in vae.parameters())
+
+
+def test_foreground_weights_mark_every_latent_pixel_an_object_touches():
+    from guidedgen.training import foreground_weights
+
+    masks = torch.zeros(2, 8, 8, dtype=torch.long)
+    masks[0, 1, 6] = 3  # one pixel of a thin stroke
+    masks[1, 4:, :4] = 255  # ignored, not an object
+    masks[1, 0, 0] = 7
+    weights = foreground_weights(masks, 4, 5.0, background_index=0, ignore_index=255)
+    expected = torch.ones(2, 1, 4, 4)
+    for n, row, col in ((0, 1, 6), (1, 0, 0)):  # each object pixel lies in latent cell (row // 2, col // 2)
+        expected[n, 0, row // 2, col // 2] = 5.0
+    assert torch.equal(weights, expected)
+    assert torch.equal(foreground_weights(masks, 4, 1.0, 0, 255), torch.ones(2, 1, 4, 4))
+
+
+def test_weighted_denoising_error_is_a_weighted_mean_per_sample():
+    import numpy as np
+
+    from guidedgen.training import weighted_denoising_error
+
+    generator = torch.Generator().manual_seed(0)
+    prediction, target = torch.randn(3, 4, 6, 6, generator=generator), torch.randn(3, 4, 6, 6, generator=generator)
+    weights = 1 + 4 * (torch.rand(3, 1, 6, 6, generator=generator) > 0.7).float()
+    squared = ((prediction - target) ** 2).numpy()
+    expected = [np.average(squared[i], weights=np.broadcast_to(weights[i].numpy(), squared[i].shape)) for i in range(3)]
+    assert weighted_denoising_error(prediction, target, weights) == pytest.approx(expected, rel=1e-5)
+    uniform = weighted_denoising_error(prediction, target, torch.ones(3, 1, 6, 6))
+    assert torch.allclose(uniform, torch.nn.functional.mse_loss(prediction, target, reduction="none").mean((1, 2, 3)))
