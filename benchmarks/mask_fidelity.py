@@ -24,7 +24,7 @@ from al.data import DigitScenesConfig, digit_scenes
 from al.metrics import SegmentationScores, confusion_matrix
 from al.models import Segmenter
 from al.plots import class_colours, save_figure
-from guidedgen.components import ComponentsConfig, load_components
+from guidedgen.components import SCHEDULERS, ComponentsConfig, load_components
 from guidedgen.generate import PaletteConfig, build_palette
 from guidedgen.palette import prompt_for
 from guidedgen.sampler import GuidedControlNetSampler
@@ -35,6 +35,15 @@ def miou(segmenter: Segmenter, images: torch.Tensor, masks: torch.Tensor, num_cl
         prediction = torch.cat([segmenter(images[i:i + 32]).argmax(1) for i in range(0, len(images), 32)])
     confusion = confusion_matrix(prediction, masks, num_classes, 255)
     return SegmentationScores.from_confusion(confusion).miou, prediction
+
+
+def object_errors(prediction: torch.Tensor, masks: torch.Tensor, background: int = 0) -> dict:
+    """Where the judge goes wrong on object pixels: ``missed`` = called background (the object is
+    not visible to it), ``misread`` = called another object class (visible, wrong shape/identity)."""
+    objects = (masks != background) & (masks != 255)
+    predicted = prediction[objects]
+    return {"missed": float((predicted == background).float().mean()),
+            "misread": float(((predicted != background) & (predicted != masks[objects])).float().mean())}
 
 
 def sheet(masks, generated, predictions, real, colours, path: Path, rows: int = 6) -> None:
@@ -58,6 +67,7 @@ def main() -> None:
     parser.add_argument("--judge", default="outputs/segmenter_judge")
     parser.add_argument("--count", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--scheduler", default="ddim", choices=sorted(SCHEDULERS))
     parser.add_argument("--guidance-scale", type=float, default=2.0)
     parser.add_argument("--conditioning-scale", type=float, default=1.0, help="controlnet_conditioning_scale")
     parser.add_argument("--batch", type=int, default=16)
@@ -70,7 +80,7 @@ def main() -> None:
     model = Path(args.model)
     components = load_components(ComponentsConfig(pretrained_model_name_or_path=str(model),
                                                   controlnet_model_name_or_path=[str(model / "controlnet")],
-                                                  local_files_only=True))
+                                                  scheduler=args.scheduler, local_files_only=True))
     judge = Segmenter.from_pretrained(args.judge).eval()
     data = digit_scenes(DigitScenesConfig(num_images=args.count, split="val", size=64))
     classes = list(data.classes)
@@ -90,21 +100,27 @@ def main() -> None:
         vae = components.vae
         reconstructed = (vae.decode(vae.encode(real * 2 - 1).latent_dist.mean).sample / 2 + 0.5).clamp(0, 1)
     fidelity, predictions = miou(judge, generated, masks, len(classes))
-    real_miou, _ = miou(judge, real, masks, len(classes))
-    vae_miou, _ = miou(judge, reconstructed, masks, len(classes))
+    real_miou, real_predictions = miou(judge, real, masks, len(classes))
+    vae_miou, vae_predictions = miou(judge, reconstructed, masks, len(classes))
+    background = classes.index("background")
+    errors = {name: object_errors(p, masks, background) for name, p in
+              (("real", real_predictions), ("vae_reconstructions", vae_predictions), ("generated", predictions))}
     to_uint8 = lambda x: (x.permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8)
     colours = (class_colours(len(classes)) * 255).astype(np.uint8)
     Path(args.sheet).parent.mkdir(parents=True, exist_ok=True)
     sheet(masks.numpy(), to_uint8(generated), predictions.numpy(), to_uint8(real), colours, Path(args.sheet))
     result = {"mask_fidelity_miou": fidelity, "judge_on_real_miou": real_miou, "judge_on_vae_reconstructions_miou": vae_miou,
-              "held_out_masks": args.count, "steps": args.steps, "guidance_scale": args.guidance_scale,
+              "held_out_masks": args.count, "scheduler": args.scheduler, "steps": args.steps, "guidance_scale": args.guidance_scale,
               "controlnet_conditioning_scale": args.conditioning_scale,
-              "seconds_per_sample": seconds / args.count, "judge": args.judge}
+              "object_pixel_errors": errors, "seconds_per_sample": seconds / args.count, "judge": args.judge}
     if args.write_quality:
         (model / "quality.json").write_text(json.dumps(result, indent=2))
     print(f"judge on real val images:        {real_miou:.3f} mIoU")
     print(f"judge on VAE reconstructions:    {vae_miou:.3f} mIoU")
     print(f"judge on generated images:       {fidelity:.3f} mIoU ({seconds / args.count:.2f} s/sample, {args.steps} steps)")
+    for name, error in errors.items():
+        print(f"object pixels on {name + ':':20} {error['missed']:.3f} missed (called background), "
+              f"{error['misread']:.3f} misread (another digit)")
     print(f"sheet: {args.sheet}")
     print(f"mask_fidelity: {fidelity:.3f}")
 
