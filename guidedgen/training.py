@@ -426,12 +426,14 @@ def plot_losses(output: Path) -> Optional[Path]:
 
     from al.plots import save_figure
 
-    figure = Figure(figsize=(10, 3.5))
-    axes = figure.subplots(1, 2)
-    for axis, name, title in zip(axes, ("vae_losses.csv", "losses.csv"), ("VAE", "UNet + ControlNet (min-SNR MSE)")):
-        path = output / name
-        if not path.exists():
-            continue
+    # A run that reused a finished VAE has no VAE log: draw only the stages this folder logged.
+    logged = [(output / name, title) for name, title in (("vae_losses.csv", "VAE"),
+                                                        ("losses.csv", "UNet + ControlNet (denoising loss)"))
+              if (output / name).exists()]
+    if not logged:
+        return None
+    figure = Figure(figsize=(5 * len(logged), 3.5))
+    for axis, (path, title) in zip(np.atleast_1d(figure.subplots(1, len(logged))), logged):
         rows = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2)
         window = max(1, len(rows) // 50)
         smooth = np.convolve(rows[:, 1], np.ones(window) / window, mode="valid")
