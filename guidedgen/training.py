@@ -6,7 +6,8 @@ two resumable stages, following the diffusers training examples:
 1. **VAE** (``AutoencoderKL``): L1 + MSE reconstruction with a small KL term. Its latent std
    sets ``scaling_factor``, as SD's does. Saved to ``vae/`` when done; a re-run skips it.
 2. **UNet + ControlNet, jointly**: epsilon prediction under the DDPM noise schedule, min-SNR
-   loss weighting (``snr_gamma``), a share of empty prompts for classifier-free guidance, the
+   loss weighting (``snr_gamma``) and optionally more weight on latent pixels that touch an object
+   (``foreground_loss_weight``), a share of empty prompts for classifier-free guidance, the
    ControlNet initialised from the UNet (``ControlNetModel.from_unet``) and conditioned on the
    palette image of the mask exactly as ``guidedgen.generate`` builds it. The two are trained
    together because there is no pretrained UNet to freeze. Optional EMA. ``accelerate``
