@@ -158,7 +158,9 @@ def foreground_weights(masks: torch.Tensor, latent_size: int, foreground_weight:
                        background_index: Optional[int], ignore_index: int) -> torch.Tensor:
     """Per-latent-pixel loss weights [N, 1, s, s]: ``foreground_weight`` where the latent pixel
     touches an object pixel (max-pooled, so thin strokes still count), 1 elsewhere."""
-    objects = (masks != ignore_index) & (masks != (-1 if background_index is None else background_index))
+    objects = masks != ignore_index
+    if background_index is not None:
+        objects &= masks != background_index
     touched = F.adaptive_max_pool2d(objects.float().unsqueeze(1), latent_size)
     return 1.0 + (foreground_weight - 1.0) * touched
 
