@@ -25,7 +25,7 @@ from al.metrics import SegmentationScores, confusion_matrix
 from al.models import Segmenter
 from al.plots import class_colours, save_figure
 from guidedgen.components import SCHEDULERS, ComponentsConfig, load_components
-from guidedgen.generate import PaletteConfig, build_palette
+from guidedgen.generate import PaletteConfig, build_palette, negative_mask_fill
 from guidedgen.palette import prompt_for
 from guidedgen.sampler import GuidedControlNetSampler
 
@@ -70,6 +70,8 @@ def main() -> None:
     parser.add_argument("--scheduler", default="ddim", choices=sorted(SCHEDULERS))
     parser.add_argument("--guidance-scale", type=float, default=2.0)
     parser.add_argument("--conditioning-scale", type=float, default=1.0, help="controlnet_conditioning_scale")
+    parser.add_argument("--negative-mask", default=None,
+                        help='what the CFG negative branch sees instead of the mask: "ignore" or a class name')
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--sheet", default="docs/results/mask_fidelity.png")
     parser.add_argument("--write-quality", action="store_true", help="also write <model>/quality.json")
@@ -89,7 +91,8 @@ def main() -> None:
     palette = build_palette(PaletteConfig(), classes, data.ignore_index)
     sampler = GuidedControlNetSampler(components, palette, num_inference_steps=args.steps,
                                       guidance_scale=args.guidance_scale, negative_prompt="",
-                                      controlnet_conditioning_scale=[args.conditioning_scale])
+                                      controlnet_conditioning_scale=[args.conditioning_scale],
+                                      negative_mask_fill=negative_mask_fill(args.negative_mask, classes, data.ignore_index))
     start = time.perf_counter()
     generated = torch.cat([
         sampler(masks[i:i + args.batch], [prompt_for(m, classes) for m in masks[i:i + args.batch]],
@@ -111,7 +114,7 @@ def main() -> None:
     sheet(masks.numpy(), to_uint8(generated), predictions.numpy(), to_uint8(real), colours, Path(args.sheet))
     result = {"mask_fidelity_miou": fidelity, "judge_on_real_miou": real_miou, "judge_on_vae_reconstructions_miou": vae_miou,
               "held_out_masks": args.count, "scheduler": args.scheduler, "steps": args.steps, "guidance_scale": args.guidance_scale,
-              "controlnet_conditioning_scale": args.conditioning_scale,
+              "controlnet_conditioning_scale": args.conditioning_scale, "negative_mask": args.negative_mask,
               "object_pixel_errors": errors, "seconds_per_sample": seconds / args.count, "judge": args.judge}
     if args.write_quality:
         (model / "quality.json").write_text(json.dumps(result, indent=2))

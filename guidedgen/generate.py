@@ -98,6 +98,11 @@ class GenerateConfig:
     palette: PaletteConfig = field(default_factory=PaletteConfig)
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE
     negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
+    # The mask the classifier-free-guidance negative branch sees: null = the mask itself (diffusers'
+    # default; CFG then amplifies only the prompt), "ignore" = no label anywhere (for a model trained
+    # with ``proportion_unconditional``), or a class name (e.g. "background": CFG pushes away from a
+    # scene of only that class, which brings out the mask's objects).
+    negative_mask: Optional[str] = None
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     quality_segmenter: Optional[str] = None  # default: the first guidance segmenter
     ignore_disagreement: bool = False  # write ignore maps where the segmenter disagrees with the mask
@@ -175,8 +180,19 @@ def build_sampler(config: GenerateConfig, components: Components, palette: Palet
     return GuidedControlNetSampler(
         components, palette, objective, schedule, guidance.gradient_path, config.num_inference_steps,
         config.guidance_scale, config.controlnet_conditioning_scale, config.negative_prompt,
-        config.vae_gradient_checkpointing, config.vae_slicing,
+        negative_mask_fill=negative_mask_fill(config.negative_mask, list(palette.classes), ignore_index),
+        vae_gradient_checkpointing=config.vae_gradient_checkpointing, vae_slicing=config.vae_slicing,
     )
+
+
+def negative_mask_fill(negative_mask: Optional[str], classes: list[str], ignore_index: int) -> Optional[int]:
+    """The mask value that ``GenerateConfig.negative_mask`` names (None: the negative branch sees the mask)."""
+    if negative_mask is None:
+        return None
+    if negative_mask == "ignore":
+        return ignore_index
+    require(negative_mask in classes, "negative_mask", negative_mask, f"null, \"ignore\" or one of the classes {classes}")
+    return classes.index(negative_mask)
 
 
 def _model_names(config: GenerateConfig) -> dict:

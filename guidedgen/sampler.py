@@ -71,6 +71,11 @@ class GuidedControlNetSampler:
     """Call with ``(masks, prompts, seeds)``; returns images and a per-sample trace.
 
     Strength 0 or no objective gives exactly the unguided ControlNet sampling for the same seeds.
+
+    ``negative_mask_fill``: with classifier-free guidance, the negative branch's seg control is the
+    palette image of a mask filled with this value (a class id, or the ignore index = no label),
+    so CFG amplifies the mask as well as the prompt. None: both branches see the mask, as in
+    diffusers' ControlNet pipeline. Extra controls are the same in both branches.
     """
 
     def __init__(
@@ -84,6 +89,7 @@ class GuidedControlNetSampler:
         guidance_scale: float = 7.5,
         controlnet_conditioning_scale: Sequence[float] = (1.0,),
         negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
+        negative_mask_fill: Optional[int] = None,
         vae_gradient_checkpointing: bool = False,
         vae_slicing: bool = False,
         progress: bool = False,
@@ -98,6 +104,10 @@ class GuidedControlNetSampler:
         self.gradient_path, self.num_inference_steps = gradient_path, num_inference_steps
         self.guidance_scale, self.conditioning_scales = guidance_scale, list(controlnet_conditioning_scale)
         self.negative_prompt, self.progress = negative_prompt, progress
+        if negative_mask_fill is not None and negative_mask_fill not in (*range(len(palette.classes)), palette.ignore_index):
+            raise ValueError(f"negative_mask_fill={negative_mask_fill} is neither a class id 0..{len(palette.classes) - 1} "
+                             f"nor the ignore index {palette.ignore_index}")
+        self.negative_mask_fill = negative_mask_fill
         vae = components.vae
         if vae_gradient_checkpointing:
             vae.enable_gradient_checkpointing()
@@ -203,7 +213,9 @@ class GuidedControlNetSampler:
         controls = [self.palette.colourise(masks), *[c.to(self.device) for c in extra_controls]]
         controls = [c.to(self.dtype) for c in controls]
         if self.do_cfg:
-            controls = [torch.cat([c] * 2) for c in controls]
+            negative = controls[0] if self.negative_mask_fill is None else \
+                self.palette.colourise(torch.full_like(masks, self.negative_mask_fill)).to(self.dtype)
+            controls = [torch.cat([negative, controls[0]]), *[torch.cat([c] * 2) for c in controls[1:]]]
         # 4. Initial latents: one generator per sample, so a sample does not depend on its batch
         scheduler = self.components.scheduler
         scheduler.set_timesteps(self.num_inference_steps, device=self.device)

@@ -87,6 +87,11 @@ class TrainControlNetConfig:
     # unweighted, the loss is mostly about modelling background texture the masks do not constrain.
     foreground_loss_weight: float = 1.0
     proportion_empty_prompts: float = 0.1
+    # Share of samples that see neither prompt nor mask (empty prompt, all-ignore control image):
+    # the negative branch of classifier-free guidance *over the mask* (sample with
+    # ``negative_mask_fill`` = the ignore index). Without it, both CFG branches see the mask and
+    # guidance amplifies only the prompt.
+    proportion_unconditional: float = 0.0
     use_ema: bool = True
     ema_decay: float = 0.999
     checkpointing_steps: int = 500
@@ -103,6 +108,8 @@ class TrainControlNetConfig:
         require(self.max_train_steps >= 1, "max_train_steps", self.max_train_steps, "an integer >= 1")
         require(self.checkpointing_steps >= 1, "checkpointing_steps", self.checkpointing_steps, "an integer >= 1")
         require(0.0 <= self.proportion_empty_prompts < 1.0, "proportion_empty_prompts", self.proportion_empty_prompts,
+                "a number in [0, 1)")
+        require(0.0 <= self.proportion_unconditional < 1.0, "proportion_unconditional", self.proportion_unconditional,
                 "a number in [0, 1)")
         require(self.foreground_loss_weight > 0, "foreground_loss_weight", self.foreground_loss_weight,
                 "a number > 0 (1 = unweighted)")
@@ -122,6 +129,7 @@ class TrainingData:
 
     images: torch.Tensor  # [N, 3, S, S] in [-1, 1]
     controls: torch.Tensor  # [N, 3, S, S] palette images in [0, 1]
+    null_control: torch.Tensor  # [3, S, S] palette image of an all-ignore mask (no label anywhere)
     prompts: list[str]
     loss_weights: torch.Tensor  # [N, 1, s, s] per latent pixel (see ``foreground_weights``)
 
@@ -151,7 +159,8 @@ def load_training_data(config: TrainControlNetConfig) -> tuple[TrainingData, lis
     latent_size = config.data.size // 2 ** (len(config.architecture.vae_channels) - 1)
     background = classes.index("background") if "background" in classes else None
     weights = foreground_weights(masks, latent_size, config.foreground_loss_weight, background, dataset.ignore_index)
-    return TrainingData(images, palette.colourise(masks), prompts, weights), classes
+    null_control = palette.colourise(torch.full_like(masks[:1], dataset.ignore_index))[0]
+    return TrainingData(images, palette.colourise(masks), null_control, prompts, weights), classes
 
 
 def foreground_weights(masks: torch.Tensor, latent_size: int, foreground_weight: float,
@@ -325,13 +334,16 @@ def train_denoiser(components: Components, data: TrainingData, config: TrainCont
         noise = torch.randn(latents.shape, generator=generator)
         timesteps = torch.randint(noise_scheduler.config.num_train_timesteps, (len(index),), generator=generator)
         drop = torch.rand(len(index), generator=generator) < config.proportion_empty_prompts
+        unconditional = torch.rand(len(index), generator=generator) < config.proportion_unconditional
+        drop |= unconditional
         text = torch.where(drop.view(-1, 1, 1), empty, embeddings[index])
-        latents, noise, timesteps, text, weights = (x.to(device) for x in (latents, noise, timesteps, text,
-                                                                           data.loss_weights[index]))
+        control = torch.where(unconditional.view(-1, 1, 1, 1), data.null_control, data.controls[index])
+        latents, noise, timesteps, text, weights, control = (
+            x.to(device) for x in (latents, noise, timesteps, text, data.loss_weights[index], control))
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         with accelerator.autocast():
             down, mid = controlnet(noisy, timesteps, encoder_hidden_states=text,
-                                   controlnet_cond=data.controls[index].to(device), return_dict=False)
+                                   controlnet_cond=control, return_dict=False)
             prediction = unet(noisy, timesteps, encoder_hidden_states=text, down_block_additional_residuals=down,
                               mid_block_additional_residual=mid, return_dict=False)[0]
         error = weighted_denoising_error(prediction, noise, weights)

@@ -163,6 +163,24 @@ def test_samples_do_not_depend_on_their_batch(components, digit_masks_32):
     assert torch.allclose(together[2:3], alone, atol=1e-5)
 
 
+def test_a_negative_mask_changes_only_what_cfg_compares_against(digit_masks_32):
+    masks, _ = digit_masks_32
+    live = tiny_components(seed=0)
+    controlnet = live.controlnets[0]
+    with torch.no_grad():  # an untrained ControlNet's zero convolutions would hide its control image
+        for conv in (*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                     controlnet.controlnet_cond_embedding.conv_out):
+            conv.weight.normal_(std=0.1)
+    against_background = GuidedControlNetSampler(live, PALETTE, num_inference_steps=6, guidance_scale=2.0,
+                                                 negative_mask_fill=0)
+    assert not torch.equal(against_background(masks, PROMPTS, SEEDS).images, sample(live, masks).images)
+    # a mask of only the fill value: both branches see the same control again
+    empty = torch.zeros_like(masks)
+    assert torch.equal(against_background(empty, PROMPTS, SEEDS).images, sample(live, empty).images)
+    with pytest.raises(ValueError, match="negative_mask_fill=42"):
+        GuidedControlNetSampler(live, PALETTE, negative_mask_fill=42)
+
+
 @pytest.mark.parametrize("name", ["entropy", "committee", "expected_model_change"])
 @pytest.mark.parametrize("path", GRADIENT_PATHS)
 def test_guidance_raises_the_objective_it_follows(name, path, components, guiding_segmenters, digit_masks_32):

@@ -4,6 +4,7 @@
 
 import pytest
 import torch
+from diffusers import ControlNetModel
 
 from al.config import ConfigError, load_config
 from guidedgen.components import ComponentsConfig, load_components
@@ -61,12 +62,33 @@ def test_a_folder_of_another_run_is_refused(tmp_path, capsys):
     assert "holds a run with another config" in capsys.readouterr().err
 
 
+def test_unconditional_samples_see_neither_prompt_nor_mask(tmp_path, monkeypatch):
+    """The share ``proportion_unconditional`` trains CFG's negative branch: empty prompt, all-ignore control."""
+    seen = []
+    forward = ControlNetModel.forward
+
+    def spy(self, sample, timestep, encoder_hidden_states, controlnet_cond, *args, **kwargs):
+        seen.append((encoder_hidden_states.detach().clone(), controlnet_cond.detach().clone()))
+        return forward(self, sample, timestep, encoder_hidden_states, controlnet_cond, *args, **kwargs)
+
+    monkeypatch.setattr(ControlNetModel, "forward", spy)
+    train_controlnet(quick_config(tmp_path / "set", "proportion_unconditional=0.5", "proportion_empty_prompts=0",
+                                  "max_train_steps=8"))
+    text, control = (torch.cat(parts) for parts in zip(*seen))
+    null = (control == 0).flatten(1).all(1)  # black: the void colour of a mask with no label
+    assert len(null) == 32 and 0.25 < null.float().mean() < 0.75
+    empty = text[null][0]
+    assert all(torch.equal(t, empty) for t in text[null])  # the empty prompt, exactly when the mask is gone
+    assert not any(torch.equal(t, empty) for t in text[~null])
+
+
 @pytest.mark.parametrize("override,message", [
     ("architecture.conditioning_embedding_out_channels=[8]", "conditioning_embedding_out_channels"),
     ("data.size=34", "'data.size'"),
     ("proportion_empty_prompts=1.5", "proportion_empty_prompts"),
     ("save_dtype=fp8", "save_dtype"),
     ("foreground_loss_weight=0", "foreground_loss_weight"),
+    ("proportion_unconditional=1", "proportion_unconditional"),
 ])
 def test_bad_training_configs_are_explained(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
