@@ -402,8 +402,10 @@ def validation_sheet(components: Components, config: TrainControlNetConfig, clas
     masks = torch.stack([dataset[i].mask for i in range(min(count, len(dataset)))])
     palette = build_palette(config.palette, classes, dataset.ignore_index)
     prompts = [prompt_for(m, classes, config.prompt_template) for m in masks]
+    # with an unconditional share, CFG compares against the no-label mask it was trained on
+    negative_mask_fill = dataset.ignore_index if config.proportion_unconditional > 0 else None
     sampler = GuidedControlNetSampler(components, palette, num_inference_steps=20, guidance_scale=2.0,
-                                      negative_prompt="", progress=False)
+                                      negative_prompt="", negative_mask_fill=negative_mask_fill, progress=False)
     images = sampler(masks.to(components.unet.device), prompts, list(range(len(masks)))).images.cpu()
     grid = torch.cat([torch.cat(list(palette.colourise(masks)), dim=2), torch.cat(list(images), dim=2)], dim=1)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -72,9 +72,10 @@ def test_unconditional_samples_see_neither_prompt_nor_mask(tmp_path, monkeypatch
         return forward(self, sample, timestep, encoder_hidden_states, controlnet_cond, *args, **kwargs)
 
     monkeypatch.setattr(ControlNetModel, "forward", spy)
-    train_controlnet(quick_config(tmp_path / "set", "proportion_unconditional=0.5", "proportion_empty_prompts=0",
-                                  "max_train_steps=8"))
-    text, control = (torch.cat(parts) for parts in zip(*seen))
+    output = train_controlnet(quick_config(tmp_path / "set", "proportion_unconditional=0.5", "proportion_empty_prompts=0",
+                                           "max_train_steps=8", "validation_steps=8"))
+    assert (output / "samples" / "step-000008.png").is_file()  # sampled with CFG against the no-label mask
+    text, control = (torch.cat(parts) for parts in zip(*seen[:8]))  # the 8 training steps, not the sheet's
     null = (control == 0).flatten(1).all(1)  # black: the void colour of a mask with no label
     assert len(null) == 32 and 0.25 < null.float().mean() < 0.75
     empty = text[null][0]
