@@ -30,17 +30,18 @@ from guidedgen.palette import prompt_for
 from guidedgen.sampler import GuidedControlNetSampler
 
 
-def miou(segmenter: Segmenter, images: torch.Tensor, masks: torch.Tensor, num_classes: int) -> tuple[float, torch.Tensor]:
+def miou(segmenter: Segmenter, images: torch.Tensor, masks: torch.Tensor, num_classes: int,
+         ignore_index: int) -> tuple[float, torch.Tensor]:
     with torch.no_grad():
         prediction = torch.cat([segmenter(images[i:i + 32]).argmax(1) for i in range(0, len(images), 32)])
-    confusion = confusion_matrix(prediction, masks, num_classes, 255)
+    confusion = confusion_matrix(prediction, masks, num_classes, ignore_index)
     return SegmentationScores.from_confusion(confusion).miou, prediction
 
 
-def object_errors(prediction: torch.Tensor, masks: torch.Tensor, background: int = 0) -> dict:
+def object_errors(prediction: torch.Tensor, masks: torch.Tensor, background: int = 0, ignore_index: int = 255) -> dict:
     """Where the judge goes wrong on object pixels: ``missed`` = called background (the object is
     not visible to it), ``misread`` = called another object class (visible, wrong shape/identity)."""
-    objects = (masks != background) & (masks != 255)
+    objects = (masks != background) & (masks != ignore_index)
     predicted = prediction[objects]
     return {"missed": float((predicted == background).float().mean()),
             "misread": float(((predicted != background) & (predicted != masks[objects])).float().mean())}
@@ -102,11 +103,11 @@ def main() -> None:
     with torch.no_grad():
         vae = components.vae
         reconstructed = (vae.decode(vae.encode(real * 2 - 1).latent_dist.mean).sample / 2 + 0.5).clamp(0, 1)
-    fidelity, predictions = miou(judge, generated, masks, len(classes))
-    real_miou, real_predictions = miou(judge, real, masks, len(classes))
-    vae_miou, vae_predictions = miou(judge, reconstructed, masks, len(classes))
+    fidelity, predictions = miou(judge, generated, masks, len(classes), data.ignore_index)
+    real_miou, real_predictions = miou(judge, real, masks, len(classes), data.ignore_index)
+    vae_miou, vae_predictions = miou(judge, reconstructed, masks, len(classes), data.ignore_index)
     background = classes.index("background")
-    errors = {name: object_errors(p, masks, background) for name, p in
+    errors = {name: object_errors(p, masks, background, data.ignore_index) for name, p in
               (("real", real_predictions), ("vae_reconstructions", vae_predictions), ("generated", predictions))}
     to_uint8 = lambda x: (x.permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8)
     colours = (class_colours(len(classes)) * 255).astype(np.uint8)

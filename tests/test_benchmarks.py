@@ -12,3 +12,5 @@ def test_object_errors_split_wrong_object_pixels_into_missed_and_misread():
     errors = object_errors(prediction, masks, background=0)
     assert errors == pytest.approx({"missed": 1 / 4, "misread": 1 / 4})
     assert object_errors(masks.clamp(max=9), masks) == {"missed": 0.0, "misread": 0.0}
+    # another dataset's ignore value: 7 is ignored, and 255 is an object the judge missed
+    assert object_errors(prediction, masks, background=0, ignore_index=7) == pytest.approx({"missed": 2 / 4, "misread": 1 / 4})
