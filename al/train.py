@@ -10,15 +10,19 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from diffusers.optimization import get_scheduler
 from torch import Tensor, nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, WeightedRandomSampler
 from tqdm.auto import tqdm
 
+from al.config import require
 from al.data.base import Sample, SegmentationDataset
 from al.deal import difficulty_loss
 from al.labels import SparseLabels
 from al.metrics import SegmentationScores, confusion_matrix
 from al.models import Segmenter
+
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -27,6 +31,9 @@ class TrainConfig:
     batch_size: int = 16
     lr: float = 5e-4  # PixelPick's Adam settings
     weight_decay: float = 2e-4
+    # "constant" (PixelPick) or "cosine": decay to 0 over all steps, so the last epochs average out
+    # the noise a constant Adam step leaves in the final weights
+    lr_schedule: str = "constant"
     mixed_precision: str = "no"  # accelerate: "no", "fp16", "bf16"
     seed: int = 0
 
@@ -154,9 +161,12 @@ def train_segmenter(
                             generator=generator)
     else:
         loader = _mixed_loader(sources, config.batch_size, generator)
+    require(config.lr_schedule in LR_SCHEDULES, "train.lr_schedule", config.lr_schedule, f"one of {LR_SCHEDULES}")
     optimizer = torch.optim.Adam(model.optimizer_groups(config.lr), lr=config.lr, weight_decay=config.weight_decay)
+    schedule = get_scheduler(config.lr_schedule, optimizer, num_warmup_steps=0,
+                             num_training_steps=config.epochs * len(loader))
     branch = model.difficulty_branch
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    model, optimizer, loader, schedule = accelerator.prepare(model, optimizer, loader, schedule)
     model.train()
     result = TrainResult()
     bar = tqdm(range(config.epochs), desc="train", disable=not progress or not accelerator.is_local_main_process, leave=False)
@@ -171,6 +181,7 @@ def train_segmenter(
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             optimizer.step()
+            schedule.step()
             total, batches = total + loss.item(), batches + 1
         result.losses.append(total / max(1, batches))
         bar.set_postfix(loss=f"{result.losses[-1]:.3f}")

@@ -107,3 +107,35 @@ def test_synthetic_pairs_change_what_is_learnt(tiny_digits):
     assert torch.equal(trained(real), trained([TrainingSource(real)]))  # one source = the plain path
     mixed = trained([TrainingSource(real, 0.5), TrainingSource(real, 0.5, loss_weight=2.0, name="syn")])
     assert not torch.allclose(trained(real), mixed)
+
+
+def test_cosine_lr_schedule_decays_every_group_to_zero_over_all_steps(tiny_digits, monkeypatch):
+    """The factor applied at optimizer step k of N is 0.5 (1 + cos(pi k / N)) for every parameter
+    group; "constant" keeps it at 1; an unknown schedule is a config error naming the key."""
+    import math
+
+    import pytest
+
+    from al.config import ConfigError
+
+    train, _ = tiny_digits
+    dataset = DenseTargetDataset(train)
+    factors, original_step = [], torch.optim.Adam.step
+
+    def recording_step(self, *args, **kwargs):
+        factors.append([group["lr"] / group["initial_lr"] for group in self.param_groups])
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    model = build_segmenter("unet", "tu-resnet10t", 11, encoder_depth=3, decoder_channels=(16, 8, 8))
+    config = TrainConfig(epochs=2, batch_size=4, seed=0, lr_schedule="cosine")
+    train_segmenter(model, dataset, config, progress=False)
+    steps = 2 * math.ceil(len(dataset) / 4)
+    assert len(factors) == steps
+    for k, row in enumerate(factors):
+        assert row == pytest.approx([0.5 * (1 + math.cos(math.pi * k / steps))] * len(row))
+    factors.clear()
+    train_segmenter(model, dataset, TrainConfig(epochs=1, batch_size=4), progress=False)
+    assert factors and all(f == 1.0 for row in factors for f in row)
+    with pytest.raises(ConfigError, match="train.lr_schedule"):
+        train_segmenter(model, dataset, TrainConfig(lr_schedule="poly"), progress=False)
