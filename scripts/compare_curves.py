@@ -37,6 +37,10 @@ def paired_table(first: list[dict], second: list[dict], labels: tuple[str, str])
             table.setdefault(int(row["cycle"]), {})[int(row["seed"])] = (int(row["labelled_pixels"]), 100 * float(row["miou"]))
         return table
 
+    def cell(run: dict) -> str:
+        values = [m for _, m in run.values()]
+        return f"{np.mean(values):.1f} ± {np.std(values):.1f}"
+
     a, b = by_cycle(first), by_cycle(second)
     lines = [f"| cycle | labelled px | {labels[0]} | {labels[1]} | paired change (seeds) |", "|---|---|---|---|---|"]
     for cycle in sorted(set(a) & set(b)):
@@ -44,7 +48,6 @@ def paired_table(first: list[dict], second: list[dict], labels: tuple[str, str])
         if not seeds:
             continue
         change = [b[cycle][s][1] - a[cycle][s][1] for s in seeds]
-        cell = lambda run: f"{np.mean([m for _, m in run.values()]):.1f} ± {np.std([m for _, m in run.values()]):.1f}"
         lines.append(f"| {cycle} | {a[cycle][seeds[0]][0]} | {cell(a[cycle])} | {cell(b[cycle])} | "
                      f"{np.mean(change):+.1f} ({', '.join(f'{c:+.1f}' for c in change)}; seeds {', '.join(map(str, seeds))}) |")
     return "\n".join(lines)

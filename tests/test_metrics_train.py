@@ -1,6 +1,10 @@
+import math
+
+import pytest
 import torch
 import torch.nn.functional as F
 
+from al.config import ConfigError
 from al.metrics import SegmentationScores, confusion_matrix, iou_per_class
 from al.models import build_segmenter
 from al.train import (
@@ -112,12 +116,6 @@ def test_synthetic_pairs_change_what_is_learnt(tiny_digits):
 def test_cosine_lr_schedule_decays_every_group_to_zero_over_all_steps(tiny_digits, monkeypatch):
     """The factor applied at optimizer step k of N is 0.5 (1 + cos(pi k / N)) for every parameter
     group; "constant" keeps it at 1; an unknown schedule is a config error naming the key."""
-    import math
-
-    import pytest
-
-    from al.config import ConfigError
-
     train, _ = tiny_digits
     dataset = DenseTargetDataset(train)
     factors, original_step = [], torch.optim.Adam.step
