@@ -16,16 +16,17 @@ import torch
 from torch import Tensor, nn
 
 from al.deal import difficulty_entropy, difficulty_sum, pixel_difficulty
-from al.mc import mc_probs
+from al.mc import mc_moments
 from al.models import Segmenter
-from al.scores import SCORES, entropy
+from al.scores import SCORES, MCSamples, entropy
 
 
 @dataclass
 class Predictions:
     """What a model says about a batch of pool images."""
 
-    probs: Tensor  # [K, N, C, H, W]: MC-dropout samples or ensemble members
+    # [K, N, C, H, W] MC-dropout samples or ensemble members: a segmenter streams them as moments
+    probs: MCSamples
     difficulty: Optional[Tensor] = None  # [N, H, W]: DEAL's difficulty map, when the model has the branch
 
 
@@ -78,7 +79,7 @@ def pool_predictions(model: nn.Module, images: Tensor, k: int, generator: Option
         was_training = model.training
         difficulty = model.eval().difficulty(model(images))
         model.train(was_training)
-    return Predictions(mc_probs(model, images, k, generator), difficulty)
+    return Predictions(mc_moments(model, images, k, generator), difficulty)
 
 
 def get_acquisition(name: str) -> Acquisition:

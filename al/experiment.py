@@ -33,7 +33,7 @@ from al.loop import (
 )
 from al.models import load_model
 from al.plots import plot_learning_curves, plot_uncertainty_maps
-from al.scores import balanced_entropy, bald, entropy, marginal_confidence
+from al.scores import balanced_entropy, bald, entropy, marginal_confidence, mean_prediction
 from al.select import SELECTION_RULES
 from al.train import DenseTargetDataset, TrainConfig, evaluate, train_segmenter
 
@@ -54,11 +54,20 @@ class DataConfig:
     num_val_images: int = 200
     size: int = 64
     seed: int = 0
+    # DigitScenes variant knobs (defaults = the standard benchmark; see DigitScenesConfig)
+    min_digits: int = 2
+    max_digits: int = 4
+    min_digit_size: int = 18
+    max_digit_size: int = 30
+    digits: list[int] = field(default_factory=lambda: list(range(10)))
 
     def build(self, split: str) -> SegmentationDataset:
         if self.kind == "digitscenes":
             count = self.num_train_images if split == self.train_split else self.num_val_images
-            return digit_scenes(DigitScenesConfig(num_images=count, size=self.size, seed=self.seed, split=split))
+            return digit_scenes(DigitScenesConfig(
+                num_images=count, size=self.size, seed=self.seed, split=split, min_digits=self.min_digits,
+                max_digits=self.max_digits, min_digit_size=self.min_digit_size, max_digit_size=self.max_digit_size,
+                digits=tuple(self.digits)))
         if self.kind in ("folder", "masks"):
             return load_folder(Path(self.root) / split, masks_only=self.kind == "masks")
         return LAYOUTS[self.kind](self.root, split)
@@ -212,7 +221,7 @@ def uncertainty_maps(config: ExperimentConfig, val_set: SegmentationDataset, mod
     plot_uncertainty_maps(
         images=(images.permute(0, 2, 3, 1).cpu().numpy() * 255).astype(np.uint8),
         masks=torch.stack([s.mask for s in samples]).numpy(),
-        predictions=probs.mean(0).argmax(1).cpu().numpy(),
+        predictions=mean_prediction(probs).argmax(1).cpu().numpy(),
         maps={name: value.float().cpu().numpy() for name, value in maps.items()},
         path=path,
         num_classes=val_set.num_classes,

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from al.models import Segmenter
+from al.moments import MCMoments
 
 
 def sample_head(model: Segmenter, features: Tensor, k: int, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -52,5 +53,34 @@ def mc_probs(
             slot.exp_()
             slot.div_(slot.sum(1, keepdim=True))
         return out
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def mc_moments(
+    model: Segmenter,
+    images: Tensor,
+    k: int,
+    generator: Optional[torch.Generator] = None,
+) -> MCMoments:
+    """The same K samples as :func:`mc_probs` (same ``generator`` = same dropout masks), folded
+    pass by pass into :class:`MCMoments`: memory ``O(N C H W)`` instead of ``O(K N C H W)``.
+
+    Shape: ``images [N, 3, H, W] -> MCMoments of [K, N, C, H, W]``.
+    """
+    if k < 1:
+        raise ValueError(f"k (MC samples) must be >= 1, got {k}")
+    was_training = model.training
+    model.eval()
+    try:
+        features = model.features(images)
+        moments = None
+        for _ in range(k):
+            probs = model.classify(features, generator=generator, stochastic=True).softmax(1)
+            if moments is None:
+                moments = MCMoments.empty_like(probs)
+            moments.add(probs)
+        return moments
     finally:
         model.train(was_training)

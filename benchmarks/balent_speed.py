@@ -27,7 +27,8 @@ def reference_port(mc_probs: torch.Tensor) -> torch.Tensor:
     m, v = mean.clamp_min(1e-9), var.clamp_min(1e-9)
     alpha = m * m * (1 - m) / v - m
     beta = (1 / m - 1) * alpha
-    h = (torch.lgamma(alpha + 1) + torch.lgamma(beta) - torch.lgamma(alpha + beta + 1) - alpha * torch.digamma(alpha + 1)
+    beta_function = torch.exp(torch.lgamma(alpha + 1) + torch.lgamma(beta) - torch.lgamma(alpha + beta + 1)) + 1e-32
+    h = (torch.log(beta_function) - alpha * torch.digamma(alpha + 1)
          - (beta - 1) * torch.digamma(beta) + (alpha + beta - 1) * torch.digamma(alpha + beta + 1))
     term = m * h
     term[term > 0] = 0
@@ -35,7 +36,7 @@ def reference_port(mc_probs: torch.Tensor) -> torch.Tensor:
     joint[torch.isnan(joint)] = -99999999999
     mean_log = torch.logsumexp(logits, dim=1) - math.log(k)
     ent = -torch.sum(torch.exp(mean_log) * mean_log, dim=1)
-    value = (ent + math.log(2)) / (joint + ent)
+    value = (ent + 0.69314718056) / (joint + ent)
     value[value < 0] = 1 / value[value < 0]
     return value.reshape(n, *mc_probs.shape[3:])
 

@@ -48,11 +48,31 @@ def test_digitscenes_labels_come_from_the_strokes():
 
 
 def test_digitscenes_splits_use_disjoint_scans_and_all_classes():
-    train, val = set(_split_indices("train").tolist()), set(_split_indices("val").tolist())
+    every = tuple(range(10))
+    train, val = set(_split_indices("train", every).tolist()), set(_split_indices("val", every).tolist())
     assert not train & val and len(train | val) == len(_digit_scans()[1])
     dataset = digit_scenes(DigitScenesConfig(num_images=40))
     assert set(np.unique(dataset.masks).tolist()) == set(range(11))
     assert dataset.classes == DIGIT_CLASSES
+
+
+def test_digitscenes_digit_subset_relabels_to_consecutive_classes():
+    """The fewer-classes variant: only the chosen digits are drawn, as classes 1..len(digits)."""
+    config = DigitScenesConfig(num_images=30, digits=(3, 5, 8), min_digits=1, max_digits=1)
+    dataset = digit_scenes(config)
+    assert dataset.classes == ["background", "three", "five", "eight"]
+    assert set(np.unique(dataset.masks).tolist()) == {0, 1, 2, 3}
+    scans, targets = _digit_scans()
+    assert set(targets[_split_indices("train", config.digits)].tolist()) == {3, 5, 8}
+
+
+@pytest.mark.parametrize("bad, message", [(dict(digits=(3, 3)), "distinct values in 0-9"),
+                                          (dict(digits=(10,)), "distinct values in 0-9"),
+                                          (dict(min_digits=3, max_digits=2), "min_digits <= max_digits"),
+                                          (dict(min_digit_size=30, max_digit_size=20), "min_digit_size <= max_digit_size")])
+def test_digitscenes_bad_variant_is_explained(bad, message):
+    with pytest.raises(DatasetError, match=message):
+        digit_scenes(DigitScenesConfig(num_images=1, **bad))
 
 
 def test_digitscenes_bad_config_is_explained():

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from al.mc import mc_probs
+from al.mc import mc_moments, mc_probs
+from al.moments import MCMoments
 from al.models import ARCHITECTURES, Segmenter, build_segmenter
 
 # Small smp configurations per architecture, 64x64 inputs (as smp's own model tests).
@@ -79,6 +80,22 @@ def test_mc_probs_is_reproducible_and_uses_eval_batchnorm():
     model_eval = no_dropout.eval()
     assert torch.allclose(single[0], model_eval(x[:1]).softmax(1), atol=1e-6)
     assert torch.allclose(single[0], single[2])
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_mc_moments_stream_the_same_samples_as_mc_probs(arch):
+    """Same generator = same dropout masks: the streamed sums equal the sums of the stack."""
+    model = tiny(arch)
+    calls = []
+    model.net.encoder.register_forward_hook(lambda *_: calls.append(1))
+    x = torch.rand(2, 3, 64, 64)
+    stack = mc_probs(model, x, 5, torch.Generator().manual_seed(3))
+    streamed = mc_moments(model, x, 5, torch.Generator().manual_seed(3))
+    expected = MCMoments.of(stack)
+    assert streamed.shape == stack.shape and len(calls) == 2 and model.training
+    # the stack's in-place softmax and Tensor.softmax round differently: float32 ulps of p <= 1
+    for name in ("sum_p", "sum_p2", "sum_entropy"):
+        torch.testing.assert_close(getattr(streamed, name), getattr(expected, name), rtol=1e-5, atol=5 * 2e-7 * 5)
 
 
 def test_mc_dropout_mean_matches_deterministic_prediction_in_expectation():

@@ -14,8 +14,9 @@ from al import scores
 from al.select import top_n
 
 
-def reference_balent(p: np.ndarray, ddof: int = 1, clip: bool = True):
+def reference_balent(p: np.ndarray, ddof: int = 1, clip: bool = True, floored: bool = True):
     """SPEC section 1 in float64 numpy/scipy. p: [K, C, P] -> (balent, acquisition) each [P].
+    ``floored`` is the reference code's lnB = log(B + 1e-32) (``floored=False``: exact lnB).
     ``ddof=0`` and ``clip=False`` reproduce the wrong ports SPEC warns about."""
     k = p.shape[0]
     with np.errstate(all="ignore"):
@@ -25,7 +26,10 @@ def reference_balent(p: np.ndarray, ddof: int = 1, clip: bool = True):
         v = np.maximum(var, 1e-9)
         alpha = m * (m * (1 - m) / v - 1)
         beta = (1 / m - 1) * alpha
-        h = (betaln(alpha + 1, beta) - alpha * digamma(alpha + 1) - (beta - 1) * digamma(beta)
+        ln_beta = betaln(alpha + 1, beta)
+        if floored:
+            ln_beta = np.logaddexp(ln_beta, np.log(1e-32))
+        h = (ln_beta - alpha * digamma(alpha + 1) - (beta - 1) * digamma(beta)
              + (alpha + beta - 1) * digamma(alpha + beta + 1))
         term = m * h
         if clip:
@@ -35,7 +39,7 @@ def reference_balent(p: np.ndarray, ddof: int = 1, clip: bool = True):
         joint[np.isnan(joint)] = -99999999999
         mjent = joint + ent
         balent = (mjent + np.log(2)) / (ent + np.log(2))
-        acq = (ent + np.log(2)) / mjent
+        acq = (ent + 0.69314718056) / mjent
         acq[acq < 0] = 1 / acq[acq < 0]
     return balent, acq
 
@@ -50,6 +54,14 @@ def dirichlet_samples(rng, k, c, pixels, concentration):
     base = rng.dirichlet(np.ones(c), size=pixels)  # [P, C]
     samples = np.stack([np.stack([rng.dirichlet(concentration * b + 1e-3) for b in base]) for _ in range(k)])
     return samples.transpose(0, 2, 1)  # [K, C, P]
+
+
+def mc_like_samples(rng, k=20, c=11, pixels=400, noise=0.1):
+    """Last-layer MC dropout in miniature: ``softmax(logits + noise * N(0, 1))``, K draws around
+    one logit vector per pixel, so the per-class variance is small. [K, C, P]"""
+    logits = rng.normal(size=(1, c, pixels)) * rng.uniform(0.5, 4.0, size=(1, 1, pixels))
+    noisy = logits + noise * rng.normal(size=(k, c, pixels))
+    return np.exp(noisy - logsumexp(noisy, axis=1, keepdims=True))
 
 
 def edge_cases(k=4, c=5):
@@ -73,6 +85,32 @@ def test_balent_matches_independent_float64_scipy(k, c, concentration):
     expected_balent, expected_acq = reference_balent(p.astype(np.float64))
     np.testing.assert_allclose(scores.balanced_entropy(as_mc(p))[0].numpy(), expected_balent, rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(scores.balent_acquisition(as_mc(p))[0].numpy(), expected_acq, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("noise", [0.1, 0.5])
+@pytest.mark.parametrize("floored", [True, False])
+def test_balent_on_mc_like_inputs_matches_independent_float64_scipy(floored, noise):
+    """Small-variance inputs, where the 1e-32 floor is active on most classes and decides the
+    ranking: values and the top pixels must match, for the reference and the exact form."""
+    p = mc_like_samples(np.random.default_rng(11), noise=noise).astype(np.float32)
+    _, expected = reference_balent(p.astype(np.float64), floored=floored)
+    ours = (scores.balent_acquisition if floored else scores.balent_acquisition_exact)(as_mc(p))[0].numpy()
+    np.testing.assert_allclose(ours, expected, rtol=1e-6)
+    top = 20
+    assert set(np.argsort(-ours, kind="stable")[:top]) == set(np.argsort(-expected, kind="stable")[:top])
+
+
+def test_floor_reverses_the_ranking_on_mc_like_inputs():
+    """SPEC section 1: with MC-dropout-like samples the floored (reference) and exact lnB rank
+    pixels in nearly opposite orders, so the two must stay distinct scores."""
+    from scipy.stats import spearmanr
+
+    mc = as_mc(mc_like_samples(np.random.default_rng(5)).astype(np.float32))
+    floored, exact = scores.balent_acquisition(mc)[0].numpy(), scores.balent_acquisition_exact(mc)[0].numpy()
+    assert spearmanr(floored, exact)[0] < -0.8
+    # generic high-disagreement samples: the floor never binds and the two coincide
+    generic = as_mc(dirichlet_samples(np.random.default_rng(5), 20, 11, 200, 1.0).astype(np.float32))
+    np.testing.assert_allclose(scores.balent_acquisition(generic), scores.balent_acquisition_exact(generic), rtol=1e-9)
 
 
 def test_balent_edge_cases_match_reference():
@@ -100,8 +138,27 @@ def test_balent_known_wrong_ports_are_caught():
     ours = scores.balent_acquisition(as_mc(p.astype(np.float32)))[0].numpy()
     for wrong in (reference_balent(p, ddof=0)[1], reference_balent(p, clip=False)[1]):
         assert not np.allclose(ours, wrong, rtol=1e-3)
+    mc_like = mc_like_samples(np.random.default_rng(3)).astype(np.float32)  # where the 1e-32 floor binds
+    floored = scores.balent_acquisition(as_mc(mc_like))[0].numpy()
+    assert not np.allclose(floored, reference_balent(mc_like.astype(np.float64), floored=False)[1], rtol=1e-3)
     log_probs = np.log(np.clip(p, 1e-30, None)).astype(np.float32)
     assert not np.allclose(ours, scores.balent_acquisition(as_mc(log_probs))[0].numpy(), rtol=1e-3, equal_nan=True)
+
+
+@pytest.mark.parametrize("name", sorted(scores.SCORES))
+def test_streamed_moments_give_the_same_scores_as_the_stack(name):
+    """Scores on MCMoments (K never materialised) equal the scores on the [K, N, C, *S] stack."""
+    from al.moments import MCMoments
+
+    mc = torch.from_numpy(np.stack([mc_like_samples(np.random.default_rng(i), k=6, c=5, pixels=30, noise=0.5)
+                                    for i in range(2)], axis=1).astype(np.float32)).reshape(6, 2, 5, 5, 6)
+    stacked = scores.SCORES[name](mc, torch.Generator().manual_seed(4))
+    streamed = scores.SCORES[name](MCMoments.of(mc), torch.Generator().manual_seed(4))
+    assert streamed.shape == stacked.shape
+    # float32 stack vs float64 sums: agreement to float32 rounding of the inputs; PowerBALD's
+    # log BALD divides BALD's absolute rounding (~1e-7, a difference of entropies) by BALD itself
+    atol = 1e-3 if name == "power_bald" else 1e-6
+    np.testing.assert_allclose(streamed.double().numpy(), stacked.double().numpy(), rtol=1e-5, atol=atol)
 
 
 def test_balent_needs_two_samples():

@@ -38,6 +38,13 @@ class DigitScenesConfig:
     max_digits: int = 4
     min_digit_size: int = 18
     max_digit_size: int = 30
+    # The digit classes drawn, as digit values; class id i + 1 is digits[i]. A subset is a
+    # documented variant (fewer classes), not a different benchmark: scene i keeps its layout.
+    digits: tuple[int, ...] = tuple(range(10))
+
+    @property
+    def classes(self) -> list[str]:
+        return ["background"] + [DIGIT_CLASSES[d + 1] for d in self.digits]
 
 
 @lru_cache(maxsize=1)
@@ -57,10 +64,10 @@ def _digit_scans() -> tuple[np.ndarray, np.ndarray]:
     return digits.images.astype(np.float32) / 16.0, digits.target.astype(np.int64)
 
 
-def _split_indices(split: str) -> np.ndarray:
-    total = len(_digit_scans()[1])
-    held_out = np.arange(total) % _HELD_OUT_EVERY == 0
-    return np.flatnonzero(~held_out if split == "train" else held_out)
+def _split_indices(split: str, digits: tuple[int, ...]) -> np.ndarray:
+    targets = _digit_scans()[1]
+    held_out = np.arange(len(targets)) % _HELD_OUT_EVERY == 0
+    return np.flatnonzero((~held_out if split == "train" else held_out) & np.isin(targets, digits))
 
 
 def _background_crop(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -85,7 +92,8 @@ def render_scene(config: DigitScenesConfig, index: int) -> tuple[np.ndarray, np.
     """Scene ``index`` of a split: ``(image uint8 [S, S, 3], mask uint8 [S, S])``."""
     rng = np.random.default_rng([config.seed, SPLITS[config.split], index])
     scans, targets = _digit_scans()
-    pool = _split_indices(config.split)
+    pool = _split_indices(config.split, config.digits)
+    class_of = {digit: i + 1 for i, digit in enumerate(config.digits)}
     size = config.size
     image = _background_crop(rng, size)
     mask = np.zeros((size, size), dtype=np.uint8)
@@ -99,7 +107,7 @@ def render_scene(config: DigitScenesConfig, index: int) -> tuple[np.ndarray, np.
         alpha = np.clip((intensity - 0.25) / 0.5, 0.0, 1.0)[..., None]
         colour = _contrasting_colour(rng, float(image[window].mean()))
         image[window] = image[window] * (1.0 - alpha) + colour * alpha
-        mask[window][intensity > 0.5] = targets[scan] + 1  # occludes digits drawn before it
+        mask[window][intensity > 0.5] = class_of[int(targets[scan])]  # occludes digits drawn before it
     return (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8), mask
 
 
@@ -109,10 +117,17 @@ def digit_scenes(config: DigitScenesConfig = DigitScenesConfig()) -> ArrayDatase
         raise DatasetError(f"DigitScenes split {config.split!r} is unknown; choose one of {sorted(SPLITS)}")
     if config.num_images < 1:
         raise DatasetError(f"DigitScenes num_images must be >= 1, got {config.num_images}")
+    if not config.digits or len(set(config.digits)) != len(config.digits) or not set(config.digits) <= set(range(10)):
+        raise DatasetError(f"DigitScenes digits must be distinct values in 0-9, got {list(config.digits)}")
+    if not 1 <= config.min_digits <= config.max_digits:
+        raise DatasetError(f"DigitScenes needs 1 <= min_digits <= max_digits, got {config.min_digits}, {config.max_digits}")
+    if not 1 <= config.min_digit_size <= config.max_digit_size:
+        raise DatasetError(f"DigitScenes needs 1 <= min_digit_size <= max_digit_size, got "
+                           f"{config.min_digit_size}, {config.max_digit_size}")
     if config.size < config.min_digit_size:
         raise DatasetError(f"DigitScenes size {config.size} is smaller than min_digit_size {config.min_digit_size}")
     scenes = [render_scene(config, i) for i in range(config.num_images)]
     images = np.stack([image for image, _ in scenes])
     masks = np.stack([mask for _, mask in scenes])
     ids = [f"{config.split}_{config.seed}_{i:06d}" for i in range(config.num_images)]
-    return ArrayDataset(images, masks, DIGIT_CLASSES, ids)
+    return ArrayDataset(images, masks, config.classes, ids)

@@ -1,0 +1,74 @@
+"""Per-class statistics of K MC samples, accumulated pass by pass.
+
+Every moment-based score (entropy, margin, BALD, mean-std, BalEnt) needs only sums over the K
+samples, so MC inference can fold each softmax into these sums instead of materialising
+``[K, N, C, *S]``. The sums are float64: BalEnt's variance is a small difference of large sums.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import torch
+from torch import Tensor
+
+# Probabilities are clamped to this before a log (as al.scores does), so 0 log 0 = 0.
+_LOG_EPS = 1e-12
+
+
+@dataclass
+class MCMoments:
+    """Sums over K samples of class probabilities ``p_k`` of a batch ``[N, C, *S]``.
+
+    - ``sum_p``, ``sum_p2``: ``sum_k p_k`` and ``sum_k p_k^2``, float64 ``[N, C, *S]``;
+    - ``sum_entropy``: ``sum_k H[p_k]`` (nats), ``[N, *S]`` in the input's dtype (BALD's
+      expected entropy).
+    """
+
+    count: int
+    sum_p: Tensor
+    sum_p2: Tensor
+    sum_entropy: Tensor
+
+    @classmethod
+    def empty_like(cls, probs: Tensor) -> "MCMoments":
+        """No samples yet, for a stream of ``probs``-shaped ``[N, C, *S]`` samples."""
+        zeros = torch.zeros(probs.shape, dtype=torch.float64, device=probs.device)
+        return cls(0, zeros, zeros.clone(), probs.new_zeros((probs.shape[0],) + tuple(probs.shape[2:])))
+
+    @classmethod
+    def of(cls, mc_probs: Tensor) -> "MCMoments":
+        """The statistics of a materialised stack. Shape: ``[K, N, C, *S]``."""
+        moments = cls.empty_like(mc_probs[0])
+        for probs in mc_probs:
+            moments.add(probs)
+        return moments
+
+    def add(self, probs: Tensor) -> None:
+        """Fold one sample ``[N, C, *S]`` into the sums, in place."""
+        p = probs.detach().double()
+        self.sum_p.add_(p)
+        self.sum_p2.addcmul_(p, p)
+        self.sum_entropy.sub_((probs * probs.clamp_min(_LOG_EPS).log()).sum(1))
+        self.count += 1
+
+    @property
+    def shape(self) -> torch.Size:
+        """``[K, N, C, *S]``: the shape of the stack these statistics summarise."""
+        return torch.Size((self.count,) + tuple(self.sum_p.shape))
+
+    @property
+    def device(self) -> torch.device:
+        return self.sum_p.device
+
+    def mean(self) -> Tensor:
+        """``mean_k p_k``, float64 ``[N, C, *S]``."""
+        return self.sum_p / self.count
+
+    def variance(self, correction: int = 1) -> Tensor:
+        """``sum_k (p_k - mean)^2 / (K - correction)`` from the sums, float64 ``[N, C, *S]``;
+        clamped at 0 (rounding can leave a tiny negative where all samples agree)."""
+        if self.count <= correction:
+            raise ValueError(f"a variance with correction={correction} needs more than {correction} samples, "
+                             f"got {self.count}")
+        centred = self.sum_p2 - self.sum_p * self.sum_p / self.count
+        return (centred / (self.count - correction)).clamp_min_(0.0)
