@@ -70,7 +70,12 @@ def predicted_x0(model_output: Tensor, model_input: Tensor, alpha_bar: Tensor, p
 class GuidedControlNetSampler:
     """Call with ``(masks, prompts, seeds)``; returns images and a per-sample trace.
 
-    Strength 0 or no objective gives exactly the unguided ControlNet sampling for the same seeds.
+    Strength 0 or no objective gives exactly the unguided ControlNet sampling for the same seeds:
+    bit for bit diffusers' ``StableDiffusionControlNetPipeline`` with ``output_type="pt"``, one
+    ``torch.Generator("cpu").manual_seed(seed)`` per sample, the palette images as control images
+    and the same scheduler, CFG and conditioning scales (``tests/test_diffusers_parity.py``).
+    Two differences are deliberate: ``negative_mask_fill`` below, and the default
+    ``negative_prompt`` (``DEFAULT_NEGATIVE_PROMPT``; the pipeline's is "").
 
     ``negative_mask_fill``: with classifier-free guidance, the negative branch's seg control is the
     palette image of a mask filled with this value (a class id, or the ignore index = no label),
@@ -126,8 +131,15 @@ class GuidedControlNetSampler:
     # -- pieces --------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
-        """``[2N, L, D]`` (negative first) with CFG, else ``[N, L, D]``."""
-        texts = ([self.negative_prompt] * len(prompts) if self.do_cfg else []) + list(prompts)
+        """``[2N, L, D]`` (negative first) with CFG, else ``[N, L, D]``.
+
+        The negatives and the prompts are two batches of N, as in diffusers' ``encode_prompt``, so
+        the text encoder runs the pipeline's float ops (one batch of 2N may round differently)."""
+        batches = ([[self.negative_prompt] * len(prompts)] if self.do_cfg else []) + [list(prompts)]
+        return torch.cat([self._encode_texts(texts) for texts in batches])
+
+    def _encode_texts(self, texts: list[str]) -> Tensor:
+        """``[len(texts), L, D]`` text-encoder hidden states."""
         tokenizer = self.components.tokenizer
         ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids.to(self.device)
@@ -211,11 +223,13 @@ class GuidedControlNetSampler:
         embeddings = self.encode_prompts(prompts)
         # 3. Control images: the palette mask first, then any extra controls
         controls = [self.palette.colourise(masks), *[c.to(self.device) for c in extra_controls]]
-        controls = [c.to(self.dtype) for c in controls]
         if self.do_cfg:
             negative = controls[0] if self.negative_mask_fill is None else \
-                self.palette.colourise(torch.full_like(masks, self.negative_mask_fill)).to(self.dtype)
+                self.palette.colourise(torch.full_like(masks, self.negative_mask_fill))
             controls = [torch.cat([negative, controls[0]]), *[torch.cat([c] * 2) for c in controls[1:]]]
+        # contiguous NCHW, as diffusers' image processor hands them over: on a channels-last view (the
+        # palette's permute) the convolutions take other kernels and round differently
+        controls = [c.to(self.dtype, memory_format=torch.contiguous_format) for c in controls]
         # 4. Initial latents: one generator per sample, so a sample does not depend on its batch
         scheduler = self.components.scheduler
         scheduler.set_timesteps(self.num_inference_steps, device=self.device)

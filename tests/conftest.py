@@ -100,3 +100,15 @@ def tiny_diffusion_folder(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_sd")
     tiny_components(seed=0).save_pretrained(path)
     return path
+
+
+def live_controlnets(components, seed=0):
+    """Random weights for the ControlNets' zero convolutions, in place; returns the set. An
+    untrained ControlNet adds exactly zero, which would hide its control image from a test."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for controlnet in components.controlnets:
+            for conv in (*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                         controlnet.controlnet_cond_embedding.conv_out):
+                conv.weight.normal_(std=0.1, generator=generator)
+    return components

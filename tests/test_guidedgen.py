@@ -8,6 +8,7 @@ import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler
 
 from al.data import DIGIT_CLASSES
+from conftest import live_controlnets
 from guidedgen.components import ComponentsConfig, load_components, tiny_components
 from guidedgen.guidance import OBJECTIVES, build_objective, last_layer_gradient_norm
 from guidedgen.palette import (
@@ -165,12 +166,7 @@ def test_samples_do_not_depend_on_their_batch(components, digit_masks_32):
 
 def test_a_negative_mask_changes_only_what_cfg_compares_against(digit_masks_32):
     masks, _ = digit_masks_32
-    live = tiny_components(seed=0)
-    controlnet = live.controlnets[0]
-    with torch.no_grad():  # an untrained ControlNet's zero convolutions would hide its control image
-        for conv in (*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
-                     controlnet.controlnet_cond_embedding.conv_out):
-            conv.weight.normal_(std=0.1)
+    live = live_controlnets(tiny_components(seed=0))
     against_background = GuidedControlNetSampler(live, PALETTE, num_inference_steps=6, guidance_scale=2.0,
                                                  negative_mask_fill=0)
     assert not torch.equal(against_background(masks, PROMPTS, SEEDS).images, sample(live, masks).images)
