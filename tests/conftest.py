@@ -11,6 +11,18 @@ from al.loop import AwaitingAnnotations, LoopConfig, ModelConfig
 from al.train import TrainConfig
 
 
+# Float32 machine epsilon: the unit of the tolerances of tests that compare two float paths.
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def softmax_rtol(num_classes: int) -> float:
+    """Relative gap allowed between two float32 softmax implementations of the same logits: past
+    the shared ``z - max z``, each p carries <= (C + 2) eps of rounding (1 for its exp, C - 1 for
+    the sum, ~1 for the division), so two differ by at most twice that (no underflow: the tiny
+    models' logits span far less than the 87 that float32 exp can take)."""
+    return 2 * (num_classes + 2) * EPS32
+
+
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(2)

@@ -100,7 +100,11 @@ def test_pixel_level_deal_labels_the_most_difficult_pixels(tiny_digits, tmp_path
     for row, col in labelled_before:
         available[row, col] = False
     best = difficulty[available].topk(3).values
-    assert sorted(difficulty[c[0], c[1]].item() for c in chosen) == pytest.approx(sorted(best.tolist()), abs=1e-5)
+    # the loop scored this image in a batch of 4, the test alone: re-blocked conv sums, <= ~sqrt(576) eps32
+    # = 3e-6 relative per layer over ~20 layers on O(1) logits, at most a quarter of that past the sigmoid
+    tolerance = 5e-5
+    assert sorted(difficulty[c[0], c[1]].item() for c in chosen) == pytest.approx(sorted(best.tolist()), abs=tolerance)
+    assert best.min() - difficulty[available].median() > 10 * tolerance  # so a worse pick would fail
 
 
 def test_deal_needs_a_segmenter_learner(tmp_path):

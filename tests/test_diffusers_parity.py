@@ -17,10 +17,10 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from conftest import live_controlnets
 from diffusers import StableDiffusionControlNetPipeline
 
 from al.data import DIGIT_CLASSES
-from conftest import live_controlnets
 from guidedgen.components import SCHEDULERS, tiny_components
 from guidedgen.palette import Palette, distinct_ade20k_colours
 from guidedgen.sampler import GuidedControlNetSampler

@@ -41,7 +41,9 @@ def test_one_noise_tensor_is_shared_by_all_images(pixel_unet):
     images = torch.rand(3, 3, 32, 32)
     together = extractor(images)
     alone = extractor(images[2:3])
-    assert torch.allclose(together[2:3], alone, atol=1e-5)
+    # batch 3 vs 1 re-blocks the conv sums: <= ~sqrt(288) eps32 = 2e-6 relative per layer over the ~20
+    # layers up to the hooked block, ~4e-5 of the features' size (another noise seed moves them by ~1x)
+    assert (together[2:3] - alone).abs().max() <= 1e-4 * alone.abs().max()
     other_seed = DiffusionFeatureExtractor(pixel_unet, DDPMScheduler(), FeatureConfig(timesteps=[100], noise_seed=1))
     assert not torch.allclose(other_seed(images[2:3]), alone)
 

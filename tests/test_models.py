@@ -1,5 +1,6 @@
 import pytest
 import torch
+from conftest import softmax_rtol
 
 from al.mc import mc_moments, mc_probs
 from al.moments import MCMoments
@@ -78,7 +79,8 @@ def test_mc_probs_is_reproducible_and_uses_eval_batchnorm():
     no_dropout = tiny("unet", dropout=0.0)
     single = mc_probs(no_dropout, x[:1], 3)
     model_eval = no_dropout.eval()
-    assert torch.allclose(single[0], model_eval(x[:1]).softmax(1), atol=1e-6)
+    # mc_probs' in-place softmax vs Tensor.softmax on the same logits: rounding only
+    torch.testing.assert_close(single[0], model_eval(x[:1]).softmax(1), rtol=softmax_rtol(5), atol=0)
     assert torch.allclose(single[0], single[2])
 
 
@@ -124,4 +126,4 @@ def test_mc_probs_equals_the_differentiable_head_sampler():
     fast = mc_probs(model, x, 5, torch.Generator().manual_seed(3))
     with torch.no_grad():
         reference = sample_head(model, model.features(x), 5, torch.Generator().manual_seed(3))
-    assert torch.allclose(fast, reference, atol=1e-6)
+    torch.testing.assert_close(fast, reference, rtol=softmax_rtol(5), atol=0)  # same logits, two softmaxes

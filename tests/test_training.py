@@ -139,6 +139,7 @@ def test_weighted_denoising_error_is_a_weighted_mean_per_sample():
     weights = 1 + 4 * (torch.rand(3, 1, 6, 6, generator=generator) > 0.7).float()
     squared = ((prediction - target) ** 2).numpy()
     expected = [np.average(squared[i], weights=np.broadcast_to(weights[i].numpy(), squared[i].shape)) for i in range(3)]
+    # two float32 sums of 144 positive terms, both pairwise/cascaded: ~log2(144) eps32 = 1e-6 relative each
     assert weighted_denoising_error(prediction, target, weights) == pytest.approx(expected, rel=1e-5)
     uniform = weighted_denoising_error(prediction, target, torch.ones(3, 1, 6, 6))
     assert torch.allclose(uniform, torch.nn.functional.mse_loss(prediction, target, reduction="none").mean((1, 2, 3)))
