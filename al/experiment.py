@@ -11,12 +11,16 @@ from __future__ import annotations
 import csv
 import io
 import json
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from al.acquisition import ACQUISITIONS, pool_predictions
 from al.config import require
@@ -84,6 +88,9 @@ class ExperimentConfig:
     # "oracle": the training masks answer queries; "human": a person answers in scripts/annotate.py
     annotator: str = "oracle"
     progress: bool = True
+    # Processes sharing the runs (acquisition x seed) and the supervised references; each gets
+    # cpu_count // workers torch threads. Small CPU models scale better over processes than threads.
+    workers: int = 1
     data: DataConfig = field(default_factory=DataConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
 
@@ -108,6 +115,10 @@ class ExperimentConfig:
         require(self.loop.cycles >= 0, "loop.cycles", self.loop.cycles, "an integer >= 0")
         require(self.loop.mc_samples >= 2, "loop.mc_samples", self.loop.mc_samples, "an integer >= 2 (BalEnt and BALD need a variance)")
         require(self.loop.train.epochs >= 1, "loop.train.epochs", self.loop.train.epochs, "an integer >= 1")
+        require(not self.loop.warm_start or self.loop.learner == "segmenter", "loop.warm_start", self.loop.warm_start,
+                "false with loop.learner=diffusion_features (its ensemble is refitted every cycle)")
+        require(self.loop.warm_start_epochs is None or self.loop.warm_start_epochs >= 1, "loop.warm_start_epochs",
+                self.loop.warm_start_epochs, "null or an integer >= 1")
         require(0.0 <= self.loop.model.dropout < 1.0, "loop.model.dropout", self.loop.model.dropout, "a float in [0, 1)")
         require(self.data.kind in DATA_KINDS and self.data.kind != "masks", "data.kind", self.data.kind,
                 f"one of {[k for k in DATA_KINDS if k != 'masks']} (active learning needs images)")
@@ -118,6 +129,9 @@ class ExperimentConfig:
         require(self.loop.synthetic.root is None or Path(self.loop.synthetic.root, "dataset.json").is_file(),
                 "loop.synthetic.root", self.loop.synthetic.root, "a folder written by scripts/generate.py")
         require(self.annotator in ANNOTATORS, "annotator", self.annotator, f"one of {ANNOTATORS}")
+        require(self.workers >= 1, "workers", self.workers, "an integer >= 1")
+        require(self.workers == 1 or self.annotator == "oracle", "workers", self.workers,
+                "1 with annotator=human (the annotation page answers one run at a time)")
         require(self.annotator == "oracle" or not self.supervised_reference, "supervised_reference",
                 self.supervised_reference, "false with annotator=human (it reads every training mask)")
         require(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "device", self.device, "auto, cpu or cuda[:i]")
@@ -192,7 +206,8 @@ def curve_table(rows: list[dict]) -> str:
 
 
 def supervised_reference(config: ExperimentConfig, train_set, val_set, seed: int, device: torch.device) -> float:
-    """mIoU of the same model trained on every pixel of the training set (cached per seed)."""
+    """mIoU of the same model trained on every pixel of the training set, for as many epochs as
+    the last cycle's model had (cached per seed)."""
     path = Path(config.output_dir) / "supervised" / f"seed_{seed}.json"
     fingerprint = config.loop.fingerprint("supervised", seed)
     if path.exists():
@@ -201,7 +216,8 @@ def supervised_reference(config: ExperimentConfig, train_set, val_set, seed: int
             return cached["miou"]
     torch.manual_seed(seed)
     model = config.loop.model.build(train_set.num_classes).to(device)
-    train_config = TrainConfig(**{**asdict(config.loop.train), "seed": seed})
+    # as many epochs as the last cycle's model has behind it (warm starts add up)
+    train_config = TrainConfig(**{**asdict(config.loop.train), "epochs": config.loop.total_epochs(), "seed": seed})
     train_segmenter(model, DenseTargetDataset(train_set), train_config, train_set.ignore_index, progress=config.progress)
     miou = evaluate(model, val_set).miou
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -229,6 +245,31 @@ def uncertainty_maps(config: ExperimentConfig, val_set: SegmentationDataset, mod
     )
 
 
+def _init_worker(workers: int) -> None:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+def _run_task(config: ExperimentConfig, task: tuple[str, int], train_set: Optional[SegmentationDataset] = None,
+              val_set: Optional[SegmentationDataset] = None) -> Optional[float]:
+    """One unit of an experiment: the supervised reference of a seed (returns its mIoU), or one
+    (acquisition, seed) run to its end. A worker process builds the datasets itself."""
+    if train_set is None:
+        train_set, val_set = config.data.build(config.data.train_split), config.data.build(config.data.val_split)
+    name, seed = task
+    device = config.resolved_device()
+    if name == "supervised":
+        return supervised_reference(config, train_set, val_set, seed, device)
+    state_dir = run_dir(Path(config.output_dir), name, seed)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(state_dir / DATA_CONFIG_NAME, json.dumps(asdict(config.data), indent=2).encode())
+    oracle = HumanOracle(train_set.image_shapes()) if config.annotator == "human" else GroundTruthOracle(train_set)
+    loop = ActiveLearningLoop(config.loop, name, seed, train_set, val_set, state_dir, oracle,
+                              device=device, progress=config.progress and config.workers == 1,
+                              shared_dir=Path(config.output_dir) / "shared")
+    loop.run()
+    return None
+
+
 def run_experiment(config: ExperimentConfig) -> str:
     """Run (or resume) every acquisition x seed; write curve.csv, plots and a summary table.
     Returns the markdown summary. With ``annotator=human`` it stops with
@@ -238,18 +279,18 @@ def run_experiment(config: ExperimentConfig) -> str:
     output_dir.mkdir(parents=True, exist_ok=True)
     train_set, val_set = config.data.build(config.data.train_split), config.data.build(config.data.val_split)
     references = {}
+    tasks = ([("supervised", seed) for seed in config.seeds] if config.supervised_reference else [])
+    tasks += [(acquisition, seed) for acquisition in config.acquisitions for seed in config.seeds]
+    if config.workers == 1:
+        results = [_run_task(config, task, train_set, val_set) for task in tasks]
+    else:  # spawn: a fresh interpreter per worker, safe with torch threads (and CUDA)
+        with ProcessPoolExecutor(config.workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_init_worker, initargs=(config.workers,)) as pool:
+            results = list(tqdm(pool.map(_run_task, [config] * len(tasks), tasks), total=len(tasks),
+                                desc=f"runs over {config.workers} workers", disable=not config.progress))
     if config.supervised_reference:
-        values = [supervised_reference(config, train_set, val_set, seed, device) for seed in config.seeds]
+        values = [miou for (name, _), miou in zip(tasks, results) if name == "supervised"]
         references[f"fully supervised ({np.mean(values) * 100:.1f})"] = float(np.mean(values))
-    for acquisition in config.acquisitions:
-        for seed in config.seeds:
-            state_dir = run_dir(output_dir, acquisition, seed)
-            state_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(state_dir / DATA_CONFIG_NAME, json.dumps(asdict(config.data), indent=2).encode())
-            oracle = HumanOracle(train_set.image_shapes()) if config.annotator == "human" else GroundTruthOracle(train_set)
-            loop = ActiveLearningLoop(config.loop, acquisition, seed, train_set, val_set, state_dir, oracle,
-                                      device=device, progress=config.progress)
-            loop.run()
     rows = collect_curve(output_dir)
     write_curve_csv(rows, output_dir / "curve.csv")
     plot_learning_curves(rows, output_dir / "curve.png", references,

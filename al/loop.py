@@ -102,14 +102,35 @@ class LoopConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     learner: str = "segmenter"  # or "diffusion_features": a pixel-MLP ensemble on diffusion-UNet features
+    # False (PixelPick): every cycle retrains from the same initial weights. True: cycle c > 0
+    # fine-tunes cycle c-1's model for warm_start_epochs (None = train.epochs), so a small CPU
+    # budget per cycle still adds up to a well-trained model by the last cycle.
+    warm_start: bool = False
+    warm_start_epochs: Optional[int] = None
     diffusion_features: DiffusionFeaturesConfig = field(default_factory=DiffusionFeaturesConfig)
     deal: DealConfig = field(default_factory=DealConfig)
+
+    def epochs_of(self, cycle: int) -> int:
+        """Training epochs of ``cycle``'s model (from its starting weights)."""
+        if self.warm_start and cycle > 0 and self.warm_start_epochs is not None:
+            return self.warm_start_epochs
+        return self.train.epochs
+
+    def total_epochs(self) -> int:
+        """Epochs behind the last cycle's model, counted from the initial weights: the budget
+        a fully supervised reference gets."""
+        if not self.warm_start:
+            return self.train.epochs
+        return sum(self.epochs_of(cycle) for cycle in range(self.cycles + 1))
 
     def fingerprint(self, acquisition: str, seed: int) -> str:
         values = asdict(self)
         # settings a run does not use stay out, so earlier runs keep their fingerprint
         if self.synthetic.root is None:
             values.pop("synthetic")
+        if not self.warm_start:  # earlier runs predate warm starts
+            values.pop("warm_start")
+            values.pop("warm_start_epochs")
         if self.learner == "segmenter":
             values.pop("learner")
             values.pop("diffusion_features")
@@ -203,8 +224,13 @@ class ActiveLearningLoop:
         oracle: Optional[Oracle] = None,
         device: Union[str, torch.device] = "cpu",
         progress: bool = True,
+        shared_dir: Optional[Union[str, os.PathLike]] = None,
     ):
+        """``shared_dir``: where runs of one experiment share their cycle-0 model. Every
+        acquisition of a seed starts from the same labels and weights, so that model is the
+        same for all of them (but DEAL's, which trains a difficulty branch too)."""
         self.config, self.acquisition, self.seed = config, acquisition, seed
+        self.shared_dir = Path(shared_dir) if shared_dir is not None else None
         self.train_set, self.val_set = train_set, val_set
         self.spec, self.rule = get_acquisition(acquisition), get_rule(config.selection)
         if self.spec.needs_difficulty and config.learner != "segmenter":
@@ -220,6 +246,10 @@ class ActiveLearningLoop:
         self.total_pixels = sum(h * w for h, w in self.shapes.values())
         self.labels = SparseLabels(self.state_dir / "labels", self.shapes, train_set.num_classes, train_set.ignore_index)
         self.synthetic = config.synthetic.source(list(train_set.classes))
+
+    @property
+    def warm_start_dir(self) -> Path:
+        return self.state_dir / "warm_start"
 
     # -- state -------------------------------------------------------------------------------
     def _load_state(self) -> list[CycleRecord]:
@@ -289,13 +319,28 @@ class ActiveLearningLoop:
                                                                leave=False)),
                       self.train_set.ignore_index, torch.Generator().manual_seed(self.seed * 1000 + cycle))
             return model
-        difficulty_size = tuple(self.config.deal.size) if self.spec.needs_difficulty else None
-        model = self.config.model.build(self.train_set.num_classes, difficulty_size).to(self.device)
-        train_config = TrainConfig(**{**asdict(self.config.train), "seed": self.seed * 1000 + cycle})
+        if self.config.warm_start and cycle > 0:
+            model = load_model(self.warm_start_dir, self.device)  # cycle - 1's model, saved after its acquisition
+        else:
+            difficulty_size = tuple(self.config.deal.size) if self.spec.needs_difficulty else None
+            model = self.config.model.build(self.train_set.num_classes, difficulty_size).to(self.device)
+        train_config = TrainConfig(**{**asdict(self.config.train), "epochs": self.config.epochs_of(cycle),
+                                      "seed": self.seed * 1000 + cycle})
         sources = [TrainingSource(real, 1.0 - self.config.synthetic.share if self.synthetic else 1.0)]
         if self.synthetic is not None:
             sources.append(self.synthetic)
         train_segmenter(model, sources, train_config, self.train_set.ignore_index, progress=self.progress)
+        return model
+
+    def _cycle0_model(self) -> nn.Module:
+        """Cycle 0's model, trained once per (config, seed) when runs share ``shared_dir``."""
+        if self.shared_dir is None or self.spec.needs_difficulty or self.config.learner != "segmenter":
+            return self.train_model(0)
+        cached = self.shared_dir / f"cycle0_{self.config.fingerprint('cycle0', self.seed)}"
+        if (cached / "config.json").is_file():  # save_pretrained writes the config last
+            return load_model(cached, self.device)
+        model = self.train_model(0)
+        model.save_pretrained(cached)
         return model
 
     def acquire(self, model: nn.Module, cycle: int) -> None:
@@ -358,7 +403,7 @@ class ActiveLearningLoop:
             if done:  # trained and evaluated before a crash; only the acquisition is missing
                 model = load_model(model_dir, self.device)
             else:
-                model = self.train_model(cycle)
+                model = self._cycle0_model() if cycle == 0 else self.train_model(cycle)
                 model.save_pretrained(model_dir)
                 scores = evaluate(model, self.val_set)
                 labelled = self.labels.count()
@@ -367,6 +412,10 @@ class ActiveLearningLoop:
             if cycle < self.config.cycles:
                 self.acquire(model, cycle)
                 self._answer(f"cycle{cycle}")
+                if self.config.warm_start:
+                    # Written before the cycle counts as acquired: a crash while training the next
+                    # cycle (which overwrites `model`) still finds this cycle's weights here.
+                    model.save_pretrained(self.warm_start_dir)
             self.records[cycle].acquired = True
             self._save_state()
         return self.records

@@ -63,9 +63,16 @@ def mc_moments(
     images: Tensor,
     k: int,
     generator: Optional[torch.Generator] = None,
+    at_decoder_resolution: bool = False,
 ) -> MCMoments:
     """The same K samples as :func:`mc_probs` (same ``generator`` = same dropout masks), folded
     pass by pass into :class:`MCMoments`: memory ``O(N C H W)`` instead of ``O(K N C H W)``.
+
+    ``at_decoder_resolution``: where the head upsamples its logits (DeepLabV3+, FPN: 4x), take
+    the K softmaxes at the decoder's resolution and upsample the summed statistics once, with
+    the head's own bilinear upsampling: K x 16 fewer full-resolution softmaxes. Not the same
+    numbers as softmax-after-upsampling (softmax is not linear), but the same smooth maps up to
+    interpolation; a no-op for heads without upsampling (Unet).
 
     Shape: ``images [N, 3, H, W] -> MCMoments of [K, N, C, H, W]``.
     """
@@ -77,10 +84,14 @@ def mc_moments(
         features = model.features(images)
         moments = None
         for _ in range(k):
-            probs = model.classify(features, generator=generator, stochastic=True).softmax(1)
+            logits = model.classify(features, generator=generator, stochastic=True, upsample=not at_decoder_resolution)
+            probs = logits.softmax(1)
             if moments is None:
                 moments = MCMoments.empty_like(probs)
             moments.add(probs)
+        if at_decoder_resolution:
+            moments = MCMoments(moments.count, model.upsample(moments.sum_p), model.upsample(moments.sum_p2),
+                                model.upsample(moments.sum_entropy[:, None])[:, 0])
         return moments
     finally:
         model.train(was_training)

@@ -118,22 +118,31 @@ class Segmenter(nn.Module):
         features: Tensor,
         generator: Optional[torch.Generator] = None,
         stochastic: Optional[bool] = None,
+        upsample: bool = True,
     ) -> Tensor:
-        """Dropout + classifier + upsampling. Shape: ``[N, D, h, w] -> [N, C, H, W]`` logits.
+        """Dropout + classifier + upsampling. Shape: ``[N, D, h, w] -> [N, C, H, W]`` logits
+        (``[N, C, h, w]`` with ``upsample=False``: the classifier at the decoder's resolution).
 
         Dropout is active when ``stochastic`` (default: ``self.training``); ``generator`` makes
         the dropout mask reproducible (it must live on ``features.device``).
         """
         stochastic = self.training if stochastic is None else stochastic
         p = self.config.dropout
-        if stochastic and p > 0:
-            if generator is None:
-                features = F.dropout(features, p=p, training=True)
-            else:
-                # rand < keep is an exact Bernoulli draw and ~1.6x faster than bernoulli_ on CPU
-                keep = torch.rand(features.shape, generator=generator, device=features.device) < 1.0 - p
-                features = features * keep / (1.0 - p)
-        return self.net.segmentation_head(features)
+        if stochastic and p > 0 and generator is None:
+            logits = self.classifier(F.dropout(features, p=p, training=True))
+        elif stochastic and p > 0:
+            # rand < keep is an exact Bernoulli draw and ~1.6x faster than bernoulli_ on CPU; the
+            # inverted-dropout scale 1/(1-p) goes into the 1x1 weights, not over every feature
+            keep = torch.rand(features.shape, generator=generator, device=features.device) < 1.0 - p
+            logits = F.conv2d(features * keep, self.classifier.weight / (1.0 - p), self.classifier.bias)
+        else:
+            logits = self.classifier(features)
+        return self.net.segmentation_head[2](self.upsample(logits) if upsample else logits)  # [2]: identity
+
+    def upsample(self, maps: Tensor) -> Tensor:
+        """The head's upsampling to output resolution (identity where the decoder already runs
+        at it, as Unet's). Shape: ``[N, *, h, w] -> [N, *, H, W]``."""
+        return self.net.segmentation_head[1](maps)
 
     def classifier_inputs(self, features: Tensor) -> Tensor:
         """The classifier's input brought to output resolution, ``[N, D, H, W]``. Because the

@@ -197,3 +197,52 @@ def test_processes_sharing_an_output_folder_can_write_the_same_plot(tmp_path):
     assert [worker.exitcode for worker in workers] == [0, 0, 0]
     assert Image.open(path).size[0] > 0
     assert [p.name for p in tmp_path.iterdir()] == ["curve.png"]
+
+
+def test_warm_start_fine_tunes_the_previous_cycle_and_resumes_to_the_same_run(tiny_digits, tmp_path):
+    """Cycle c > 0 starts from cycle c-1's weights; a crash during cycle 1's acquisition (its model
+    already trained) resumes to exactly the uninterrupted run."""
+    train, val = tiny_digits
+    config = tiny_loop_config(warm_start=True, warm_start_epochs=2)
+    assert [config.epochs_of(c) for c in range(3)] == [1, 2, 2] and config.total_epochs() == 5
+    straight = ActiveLearningLoop(config, "entropy", 0, train, val, tmp_path / "a", progress=False).run()
+    with pytest.raises(KeyboardInterrupt):
+        ActiveLearningLoop(config, "entropy", 0, train, val, tmp_path / "b", CrashingOracle(train, 14),
+                           progress=False).run()
+    resumed = ActiveLearningLoop(config, "entropy", 0, train, val, tmp_path / "b", progress=False).run()
+    assert [r.miou for r in resumed] == [r.miou for r in straight]
+    cold = ActiveLearningLoop(tiny_loop_config(), "entropy", 0, train, val, tmp_path / "c", progress=False).run()
+    assert cold[0].miou == straight[0].miou  # cycle 0 trains from the initial weights either way
+    assert [r.miou for r in cold[1:]] != [r.miou for r in straight[1:]]
+
+
+def test_runs_sharing_a_folder_train_cycle_0_once(tiny_digits, tmp_path, monkeypatch):
+    """Every acquisition of a seed starts from the same labels and weights: the second run reuses
+    the first one's cycle-0 model (same mIoU), then acquires on its own."""
+    train, val = tiny_digits
+    trained = []
+    original = ActiveLearningLoop.train_model
+    monkeypatch.setattr(ActiveLearningLoop, "train_model", lambda self, cycle: trained.append(cycle) or original(self, cycle))
+    config = tiny_loop_config(cycles=1)
+    shared = tmp_path / "shared"
+    first = ActiveLearningLoop(config, "entropy", 0, train, val, tmp_path / "a", progress=False, shared_dir=shared).run()
+    second = ActiveLearningLoop(config, "random", 0, train, val, tmp_path / "b", progress=False, shared_dir=shared).run()
+    other_seed = ActiveLearningLoop(config, "random", 1, train, val, tmp_path / "c", progress=False, shared_dir=shared).run()
+    assert trained == [0, 1, 1, 0, 1]
+    assert second[0].miou == first[0].miou and other_seed[0].miou != first[0].miou
+
+
+@pytest.mark.parametrize("name", ["al_digits3", "al_demo", "al_digits"])
+def test_al_configs_load_and_validate(name):
+    load_config(ExperimentConfig, f"configs/{name}.yaml").validate()
+
+
+def test_workers_share_an_experiment_and_give_the_same_curve(tmp_path):
+    """Runs spread over two processes (spawned, each building its own data) reproduce the
+    one-process curve exactly: seeds and labels never depend on which process ran what."""
+    overrides = tiny_experiment_overrides(tmp_path / "one") + ["supervised_reference=false"]
+    assert cli_main(["--config", "configs/al_digits3.yaml", *overrides]) == 0
+    overrides = tiny_experiment_overrides(tmp_path / "two") + ["supervised_reference=false", "workers=2"]
+    assert cli_main(["--config", "configs/al_digits3.yaml", *overrides]) == 0
+    one, two = ((tmp_path / d / "curve.csv").read_text() for d in ("one", "two"))
+    assert one == two and len(one.splitlines()) == 1 + 2 * 2  # header + 2 acquisitions x 2 cycles

@@ -100,6 +100,22 @@ def test_mc_moments_stream_the_same_samples_as_mc_probs(arch):
         torch.testing.assert_close(getattr(streamed, name), getattr(expected, name), rtol=1e-5, atol=5 * 2e-7 * 5)
 
 
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_mc_moments_at_decoder_resolution_upsample_the_low_resolution_statistics(arch):
+    model = tiny(arch)
+    x = torch.rand(2, 3, 64, 64)
+    low = mc_moments(model, x, 3, torch.Generator().manual_seed(2), at_decoder_resolution=True)
+    features = model.eval().features(x)
+    generator = torch.Generator().manual_seed(2)
+    probs = torch.stack([model.classify(features, generator, True, upsample=False).softmax(1) for _ in range(3)])
+    expected = MCMoments.of(probs)
+    assert low.shape == (3, 2, 5, 64, 64)
+    torch.testing.assert_close(low.sum_p, model.upsample(expected.sum_p), rtol=1e-6, atol=1e-6)
+    if arch == "unet":  # no upsampling in the head: the exact statistics
+        exact = mc_moments(model, x, 3, torch.Generator().manual_seed(2))
+        torch.testing.assert_close(low.sum_p2, exact.sum_p2, rtol=0, atol=0)
+
+
 def test_mc_dropout_mean_matches_deterministic_prediction_in_expectation():
     """Inverted dropout keeps the expected logits: the mean logit over many masks is close to
     the no-dropout logit."""
