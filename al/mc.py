@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -11,14 +11,36 @@ from al.models import Segmenter
 from al.moments import MCMoments
 
 
+def _check_k(k: int) -> None:
+    if k < 1:
+        raise ValueError(f"k (MC samples) must be >= 1, got {k}")
+
+
 def sample_head(model: Segmenter, features: Tensor, k: int, generator: Optional[torch.Generator] = None) -> Tensor:
     """K dropout samples of the head's softmax on precomputed features; differentiable.
 
     Shape: ``features [N, D, h, w] -> [K, N, C, H, W]``.
     """
-    if k < 1:
-        raise ValueError(f"k (MC samples) must be >= 1, got {k}")
+    _check_k(k)
     return torch.stack([model.classify(features, generator=generator, stochastic=True).softmax(1) for _ in range(k)])
+
+
+def _head_passes(model: Segmenter, images: Tensor, k: int, generator: Optional[torch.Generator],
+                 upsample: bool = True) -> Iterator[Tensor]:
+    """The backbone once in eval mode (BatchNorm on running statistics), then K dropout-sampled
+    logits of the head; the model's mode is restored when the passes end.
+
+    Shape: ``images [N, 3, H, W] -> K x [N, C, H, W]`` (decoder resolution without ``upsample``).
+    """
+    _check_k(k)
+    was_training = model.training
+    model.eval()
+    try:
+        features = model.features(images)
+        for _ in range(k):
+            yield model.classify(features, generator=generator, stochastic=True, upsample=upsample)
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()
@@ -37,24 +59,15 @@ def mc_probs(
 
     Shape: ``images [N, 3, H, W] -> [K, N, C, H, W]``.
     """
-    if k < 1:
-        raise ValueError(f"k (MC samples) must be >= 1, got {k}")
-    was_training = model.training
-    model.eval()
-    try:
-        features = model.features(images)
-        out = None
-        for i in range(k):
-            logits = model.classify(features, generator=generator, stochastic=True)
-            if out is None:
-                out = torch.empty((k, *logits.shape), dtype=logits.dtype, device=logits.device)
-            slot = out[i]
-            torch.sub(logits, logits.amax(1, keepdim=True), out=slot)
-            slot.exp_()
-            slot.div_(slot.sum(1, keepdim=True))
-        return out
-    finally:
-        model.train(was_training)
+    out = None
+    for i, logits in enumerate(_head_passes(model, images, k, generator)):
+        if out is None:
+            out = torch.empty((k, *logits.shape), dtype=logits.dtype, device=logits.device)
+        slot = out[i]
+        torch.sub(logits, logits.amax(1, keepdim=True), out=slot)
+        slot.exp_()
+        slot.div_(slot.sum(1, keepdim=True))
+    return out
 
 
 @torch.no_grad()
@@ -76,22 +89,13 @@ def mc_moments(
 
     Shape: ``images [N, 3, H, W] -> MCMoments of [K, N, C, H, W]``.
     """
-    if k < 1:
-        raise ValueError(f"k (MC samples) must be >= 1, got {k}")
-    was_training = model.training
-    model.eval()
-    try:
-        features = model.features(images)
-        moments = None
-        for _ in range(k):
-            logits = model.classify(features, generator=generator, stochastic=True, upsample=not at_decoder_resolution)
-            probs = logits.softmax(1)
-            if moments is None:
-                moments = MCMoments.empty_like(probs)
-            moments.add(probs)
-        if at_decoder_resolution:
-            moments = MCMoments(moments.count, model.upsample(moments.sum_p), model.upsample(moments.sum_p2),
-                                model.upsample(moments.sum_entropy[:, None])[:, 0])
-        return moments
-    finally:
-        model.train(was_training)
+    moments = None
+    for logits in _head_passes(model, images, k, generator, upsample=not at_decoder_resolution):
+        probs = logits.softmax(1)
+        if moments is None:
+            moments = MCMoments.empty_like(probs)
+        moments.add(probs)
+    if at_decoder_resolution:
+        moments = MCMoments(moments.count, model.upsample(moments.sum_p), model.upsample(moments.sum_p2),
+                            model.upsample(moments.sum_entropy[:, None])[:, 0])
+    return moments
