@@ -1,12 +1,14 @@
 """Mask fidelity of the trained DigitScenes ControlNet set: do generated images show their masks?
 
 Fidelity = mIoU between held-out conditioning masks (DigitScenes val) and the predictions of a
-segmenter trained on *real* DigitScenes, on images generated from those masks (unguided). Beside
-it, the same segmenter on the real images of those masks (the judge's own ceiling) and on their
-VAE reconstructions (the ceiling any sample of this VAE can reach).
+segmenter trained on *real* DigitScenes (the committed judge, ``models/digitscenes-judge``), on
+images generated from those masks (unguided). Beside it, the same segmenter on the real images
+of those masks (the judge's own ceiling) and on their VAE reconstructions (the ceiling any
+sample of this VAE can reach).
 
-    python scripts/train_segmenter.py --config configs/segmenter_judge.yaml   # the judge, once
     python benchmarks/mask_fidelity.py [--model models/digitscenes-controlnet --count 64]
+    python scripts/train_segmenter.py --config configs/segmenter_judge.yaml \
+        output_dir=models/digitscenes-judge   # remakes the judge (about 42 minutes on 2 cores)
 
 The sampling defaults are the committed model's (CFG 4 against a no-label mask, conditioning
 scale 1.5, 20 DDIM steps); ``--negative-mask none`` is diffusers' CFG, whose negative branch
@@ -31,6 +33,7 @@ from al.plots import class_colours, save_figure
 from guidedgen.components import SCHEDULERS, ComponentsConfig, load_components
 from guidedgen.generate import PaletteConfig, build_palette, negative_mask_fill
 from guidedgen.palette import prompt_for
+from guidedgen.quality import JUDGE_DIR, load_judge
 from guidedgen.sampler import GuidedControlNetSampler
 
 
@@ -69,7 +72,7 @@ def sheet(masks, generated, predictions, real, colours, path: Path, rows: int = 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="models/digitscenes-controlnet")
-    parser.add_argument("--judge", default="outputs/segmenter_judge")
+    parser.add_argument("--judge", default=JUDGE_DIR)
     parser.add_argument("--count", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--scheduler", default="ddim", choices=sorted(SCHEDULERS))
@@ -83,14 +86,14 @@ def main() -> None:
     parser.add_argument("--sheet", default="docs/results/mask_fidelity.png")
     parser.add_argument("--write-quality", action="store_true", help="also write <model>/quality.json")
     args = parser.parse_args()
-    if not Path(args.judge, "config.json").is_file():
-        raise SystemExit(f"no judge segmenter at {args.judge}: run "
-                         f"`python scripts/train_segmenter.py --config configs/segmenter_judge.yaml` first")
+    try:
+        judge, judge_record = load_judge(args.judge)
+    except FileNotFoundError as error:
+        raise SystemExit(str(error)) from None
     model = Path(args.model)
     components = load_components(ComponentsConfig(pretrained_model_name_or_path=str(model),
                                                   controlnet_model_name_or_path=[str(model / "controlnet")],
                                                   scheduler=args.scheduler, local_files_only=True))
-    judge = Segmenter.from_pretrained(args.judge).eval()
     negative_mask = None if args.negative_mask == "none" else args.negative_mask
     data = digit_scenes(DigitScenesConfig(num_images=args.count, split="val", size=64))
     classes = list(data.classes)
@@ -123,9 +126,11 @@ def main() -> None:
     result = {"mask_fidelity_miou": fidelity, "judge_on_real_miou": real_miou, "judge_on_vae_reconstructions_miou": vae_miou,
               "held_out_masks": args.count, "scheduler": args.scheduler, "steps": args.steps, "guidance_scale": args.guidance_scale,
               "controlnet_conditioning_scale": args.conditioning_scale, "negative_mask": negative_mask,
-              "object_pixel_errors": errors, "seconds_per_sample": seconds / args.count, "judge": args.judge}
+              "object_pixel_errors": errors, "seconds_per_sample": seconds / args.count, "judge": args.judge,
+              "judge_val_miou": judge_record["val_miou"]}
     if args.write_quality:
         (model / "quality.json").write_text(json.dumps(result, indent=2))
+    print(f"judge {args.judge}: {judge_record['val_miou']:.3f} mIoU on its own val scenes")
     print(f"judge on real val images:        {real_miou:.3f} mIoU")
     print(f"judge on VAE reconstructions:    {vae_miou:.3f} mIoU")
     print(f"judge on generated images:       {fidelity:.3f} mIoU ({seconds / args.count:.2f} s/sample, {args.steps} steps)")

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
 
 import torch
 from torch import Tensor
 
 from al.metrics import SegmentationScores, confusion_matrix
 from al.models import Segmenter
+
+# The committed independent judge of mask fidelity (a segmenter trained on real DigitScenes
+# scenes only) and the command that makes it.
+JUDGE_DIR = "models/digitscenes-judge"
+JUDGE_RECIPE = ("python scripts/train_segmenter.py --config configs/segmenter_judge.yaml "
+                "output_dir=models/digitscenes-judge")
 
 
 @dataclass
@@ -34,3 +44,15 @@ def assess(segmenter: Segmenter, images: Tensor, masks: Tensor, ignore_index: in
         std = float(images[i].std())
         qualities.append(SampleQuality(SegmentationScores.from_confusion(confusion).miou, std, std < min_image_std))
     return qualities, disagree
+
+
+def load_judge(directory: Union[str, os.PathLike] = JUDGE_DIR,
+               device: Union[str, torch.device] = "cpu") -> tuple[Segmenter, dict]:
+    """The judge segmenter (a ``Segmenter.save_pretrained`` folder) and its training record
+    (``training.json``, written by ``scripts/train_segmenter.py``: config, val mIoU, losses)."""
+    directory = Path(directory)
+    missing = [name for name in ("config.json", "model.safetensors", "training.json") if not (directory / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"no judge segmenter at {directory} (missing {', '.join(missing)}): create it with "
+                                f"`{JUDGE_RECIPE}` (about 42 minutes on 2 cores), or give another judge folder")
+    return Segmenter.from_pretrained(directory).to(device).eval(), json.loads((directory / "training.json").read_text())
