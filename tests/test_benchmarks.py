@@ -14,3 +14,19 @@ def test_object_errors_split_wrong_object_pixels_into_missed_and_misread():
     assert object_errors(masks.clamp(max=9), masks) == {"missed": 0.0, "misread": 0.0}
     # another dataset's ignore value: 7 is ignored, and 255 is an object the judge missed
     assert object_errors(prediction, masks, background=0, ignore_index=7) == pytest.approx({"missed": 2 / 4, "misread": 1 / 4})
+
+
+def test_the_judge_loads_with_its_record_or_says_how_to_make_it(tmp_path):
+    import json
+
+    from al.models import build_segmenter
+    from guidedgen.quality import load_judge
+
+    with pytest.raises(FileNotFoundError, match="train_segmenter.py --config configs/segmenter_judge.yaml"):
+        load_judge(tmp_path)
+    build_segmenter("unet", "tu-resnet10t", 3, encoder_depth=3, decoder_channels=(16, 8, 8)).save_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="missing training.json"):
+        load_judge(tmp_path)
+    (tmp_path / "training.json").write_text(json.dumps({"val_miou": 0.5}))
+    judge, record = load_judge(tmp_path)
+    assert record["val_miou"] == 0.5 and not judge.training
