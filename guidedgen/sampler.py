@@ -3,7 +3,8 @@
 At each guided step t (SPEC section 4):
 1. predict the noise with UNet + ControlNet(s) (with classifier-free guidance);
 2. form the one-step estimate ``z0_hat`` from the model output and ``alphas_cumprod``;
-3. decode it with the VAE and evaluate the informativeness objective against the mask;
+3. decode it with the VAE and evaluate the informativeness objective against the mask (optionally
+   at 1/n resolution, ``guidedgen.resolution``);
 4. move ``z_t`` along the normalised gradient of the objective (ascent); then the ordinary
    scheduler step, reusing the noise prediction of step 1 (one UNet forward per step).
 """
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 
 from guidedgen.components import Components
 from guidedgen.palette import DEFAULT_NEGATIVE_PROMPT, Palette
+from guidedgen.resolution import downsample_latents, downsample_masks
 from guidedgen.schedule import GuidanceSchedule
 
 GRADIENT_PATHS = ("through_unet", "x0_shortcut")
@@ -81,6 +83,10 @@ class GuidedControlNetSampler:
     palette image of a mask filled with this value (a class id, or the ignore index = no label),
     so CFG amplifies the mask as well as the prompt. None: both branches see the mask, as in
     diffusers' ControlNet pipeline. Extra controls are the same in both branches.
+
+    ``decode_downsample``: the objective sees the x0 estimate decoded from its latent averaged over
+    n x n blocks, against the mask read at the same grid (n = 1: full resolution, the exact path).
+    The final images are always decoded at full resolution.
     """
 
     def __init__(
@@ -95,6 +101,7 @@ class GuidedControlNetSampler:
         controlnet_conditioning_scale: Sequence[float] = (1.0,),
         negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
         negative_mask_fill: Optional[int] = None,
+        decode_downsample: int = 1,
         vae_gradient_checkpointing: bool = False,
         vae_slicing: bool = False,
         progress: bool = False,
@@ -113,6 +120,9 @@ class GuidedControlNetSampler:
             raise ValueError(f"negative_mask_fill={negative_mask_fill} is neither a class id 0..{len(palette.classes) - 1} "
                              f"nor the ignore index {palette.ignore_index}")
         self.negative_mask_fill = negative_mask_fill
+        if not isinstance(decode_downsample, int) or decode_downsample < 1:
+            raise ValueError(f"decode_downsample={decode_downsample!r}; must be an integer >= 1 (1 = full resolution)")
+        self.decode_downsample = decode_downsample
         vae = components.vae
         if vae_gradient_checkpointing:
             vae.enable_gradient_checkpointing()
@@ -190,6 +200,16 @@ class GuidedControlNetSampler:
         multiple = self.vae_factor * 2 ** (len(self.components.unet.config.block_out_channels) - 1)
         if masks.shape[1] % multiple or masks.shape[2] % multiple:
             raise ValueError(f"mask size {tuple(masks.shape[1:])} must be divisible by {multiple} for these components")
+        latent_size = (masks.shape[1] // self.vae_factor, masks.shape[2] // self.vae_factor)
+        if any(side % self.decode_downsample for side in latent_size):
+            raise ValueError(f"latent size {latent_size} of masks {tuple(masks.shape[1:])} must be divisible by "
+                             f"decode_downsample={self.decode_downsample}")
+
+    def guided_objective(self, x0: Tensor, masks: Tensor) -> Tensor:
+        """The objective of the x0 estimate ``[N, 4, h, w]`` decoded (at 1/``decode_downsample``
+        resolution) against ``masks [N, H, W]``: ``[N]``."""
+        factor = self.decode_downsample
+        return self.objective(self.decode(downsample_latents(x0, factor)), downsample_masks(masks, factor))
 
     def _guidance_gradient(self, latents, t, embeddings, controls, masks):
         """(model output, gradient w.r.t. latents, objective values) at one guided step."""
@@ -197,7 +217,7 @@ class GuidedControlNetSampler:
             with torch.enable_grad():
                 z = latents.detach().requires_grad_(True)
                 output = self.predict_noise(z, t, embeddings, controls)
-                value = self.objective(self.decode(self.x0_estimate(z, output, t)), masks)
+                value = self.guided_objective(self.x0_estimate(z, output, t), masks)
                 (gradient,) = torch.autograd.grad(value.sum(), z)
             return output.detach(), gradient, value.detach()
         with torch.no_grad():
@@ -205,7 +225,7 @@ class GuidedControlNetSampler:
             x0 = self.x0_estimate(latents, output, t)
         with torch.enable_grad():
             x0 = x0.detach().requires_grad_(True)
-            value = self.objective(self.decode(x0), masks)
+            value = self.guided_objective(x0, masks)
             (gradient,) = torch.autograd.grad(value.sum(), x0)
         return output, gradient, value.detach()
 

@@ -79,6 +79,7 @@ def test_another_config_is_refused_unless_overwrite(tmp_path, segmenter_dir, cap
     ("components.scheduler=pndm", "components.scheduler"),
     ("num_samples=0", "num_samples"),
     ("negative_mask=cat", "negative_mask"),
+    ("guidance.decode_downsample=0", "guidance.decode_downsample"),
 ])
 def test_bad_configs_are_explained(tmp_path, segmenter_dir, capsys, override, message):
     assert generate_main(["--config", str(ROOT / "configs/demo.yaml"), *overrides(tmp_path, segmenter_dir), override]) == 2
