@@ -1,88 +1,277 @@
-"""Guided vs unguided generation: wall time and peak memory, same seeds, same run.
+"""Guided vs unguided generation: cost and objective gain of each guidance variant, same seeds, one run.
 
-Each variant runs in a fresh process so its peak RSS is its own. Component sets: the tiny one
-(64x64) and a mid-size one (~41 M parameters, 256x256). Guidance: the default schedule of
-``guidedgen.generate.GuidanceConfig`` (entropy, every step in [0, 0.8)), both gradient paths.
+Two component sets, each in its own process:
+- ``digits``: the committed DigitScenes model with the demo's settings (``configs/demo.yaml``: 20
+  DDIM steps, CFG 4 against a no-label mask, entropy guidance at strength 0.1 in [0, 0.8)),
+  guided by the demo segmenter (trained first if missing: about 2 minutes on 2 idle cores), on
+  held-out val masks. Fidelity: the judge's mIoU (``models/digitscenes-judge``) when it exists.
+- ``mid``: a random ~41 M-parameter set at 256 px whose VAE upsamples 8x, as SD's does, guided
+  by a random segmenter at strength 0.3 (10 steps, batch 2). Its cost profile is SD's; its
+  objective gains do not count (random models: the segmenter's entropy sits within 0.01% of
+  ln C, and a random VAE does not decode a block-averaged latent to a smaller copy of the image).
 
-    python benchmarks/guidance_overhead.py [--steps 10 --batch 2]
+A variant is a set of ``guidance.`` config keys. ``every: k`` also multiplies the strength by k,
+so the latent gets the same total push from k-times fewer guided steps. Per variant:
+- time guided / unguided, wall clock and process CPU time. The unguided runs sit between the
+  variants and each ratio divides by the two beside it. The workers' OpenMP threads sleep at
+  barriers (``OMP_WAIT_POLICY=PASSIVE``): with other processes on the cores, spinning threads
+  took 10x the work, so CPU time then counted waiting;
+- the objective gain: the guiding objective on the final full-resolution images, guided /
+  unguided, and its rise as a share of the exact path's (``through_unet``, full-resolution
+  decode). A variant *keeps the gain* when that share is >= ``--keep`` (0.9) on the trained set.
+- the reduced view error (``decode_downsample``): how far the decode of the block-averaged
+  latent is from a smaller copy of the image.
 
-Last line: ``ratio: <guided / unguided wall time>`` for the mid-size set, ``through_unet``.
+    python benchmarks/guidance_overhead.py [--count 4 --mid-steps 10 --mid-batch 2]
+
+Last line: ``ratio: <guided / unguided CPU time on mid>`` of the cheapest variant that keeps the gain.
 """
 
 import argparse
+import dataclasses
 import multiprocessing as mp
-import resource
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
+from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 
-from guidedgen.generate import GuidanceConfig
+DEMO_CONFIG = "configs/demo.yaml"
+GUIDE_CONFIG = "configs/segmenter_digits.yaml"  # trains the demo's guide
 
-PRESETS = {
-    "tiny": dict(size=64, unet_channels=(16, 32), vae_channels=(8, 16, 16)),
-    "mid": dict(size=256, unet_channels=(64, 128, 256, 256), vae_channels=(32, 64, 128, 128)),
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    keys: dict  # guidance config keys
+    strength: float = 1.0  # factor on the set's strength (besides ``every``'s)
+
+
+SHORTCUT = {"gradient_path": "x0_shortcut"}
+# the first is today's default, the exact path
+VARIANTS: dict[str, Variant] = {
+    "through_unet": Variant({}),
+    "through_unet, decode /2": Variant({"decode_downsample": 2}),
+    "x0_shortcut": Variant(SHORTCUT),
+    "x0_shortcut, decode /2": Variant({**SHORTCUT, "decode_downsample": 2}),
+    "x0_shortcut, decode /4": Variant({**SHORTCUT, "decode_downsample": 4}),
+    "x0_shortcut, every 2": Variant({**SHORTCUT, "every": 2}),
+    "x0_shortcut, decode /2, every 2": Variant({**SHORTCUT, "decode_downsample": 2, "every": 2}),
+    # the same at a lower strength: about the exact path's gain on the trained set
+    "x0_shortcut, decode /2, every 2, strength x0.6": Variant({**SHORTCUT, "decode_downsample": 2, "every": 2}, 0.6),
+    "through_unet, decode /2, every 2": Variant({"decode_downsample": 2, "every": 2}),
 }
+EXACT = "through_unet"
 
 
-def worker(preset: str, path: str, args, queue) -> None:
+@dataclasses.dataclass
+class Run:
+    wall: float  # seconds
+    cpu: float  # process CPU seconds (all threads)
+    objective: float  # mean guiding objective of the final images
+    fidelity: Optional[float]  # judge mIoU of the final images
+
+
+@dataclasses.dataclass
+class Setup:
+    make_sampler: Callable  # guidance config (None: unguided) -> GuidedControlNetSampler
+    guidance: object  # the set's GuidanceConfig, that the variants change
+    masks: Tensor  # [N, H, W]
+    prompts: list[str]
+    seeds: list[int]
+    objective: Callable  # the guiding objective, (images [N, 3, H, W], masks) -> [N]
+    fidelity: Callable  # images [N, 3, H, W] -> judge mIoU against the masks, or None
+    trained: bool  # whether the set's models are trained (only then does its objective gain count)
+
+
+def guidance_for(base, variant: Variant):
+    """``base`` (a GuidanceConfig) with a variant's keys; ``every: k`` scales the strength by k."""
+    return dataclasses.replace(base, **variant.keys, strength=base.strength * variant.strength * variant.keys.get("every", 1))
+
+
+def digits_setup(args) -> Setup:
+    """The committed model with the demo's settings and guide."""
+    from al.config import load_config
+    from al.metrics import SegmentationScores, confusion_matrix
+    from al.models import load_model
+    from guidedgen.generate import GenerateConfig, build_components, build_palette, build_sampler
+    from guidedgen.guidance import build_objective
+    from guidedgen.palette import prompt_for
+    from guidedgen.quality import JUDGE_DIR, load_judge
+    from guidedgen.writer import sample_seed
+
+    config = load_config(GenerateConfig, DEMO_CONFIG, ["progress=false"])
+    data = dataclasses.replace(config.masks, num_val_images=args.count, num_train_images=args.count).build(config.masks_split)
+    masks = torch.stack([data[i].mask for i in range(args.count)])
+    prompts = [prompt_for(m, list(data.classes), config.prompt_template) for m in masks]
+    seeds = [sample_seed(config.seed, i) for i in range(args.count)]
+    guides = [load_model(path, "cpu") for path in config.guidance.segmenters]
+    objective = build_objective(config.guidance.objective, guides, data.ignore_index, **config.guidance.objective_options())
+    components = build_components(config, torch.device("cpu"))
+    palette = build_palette(config.palette, list(data.classes), data.ignore_index)
+    judge = load_judge(JUDGE_DIR)[0] if Path(JUDGE_DIR, "config.json").is_file() else None
+
+    def make_sampler(guidance):
+        variant = dataclasses.replace(config, guidance=guidance or config.guidance)
+        return build_sampler(variant, components, palette, guides, data.ignore_index,
+                             strength=None if guidance else 0.0)
+
+    def fidelity(images):
+        if judge is None:
+            return None
+        confusion = confusion_matrix(judge.predict(images), masks, len(data.classes), data.ignore_index)
+        return SegmentationScores.from_confusion(confusion).miou
+
+    return Setup(make_sampler, config.guidance, masks, prompts, seeds, objective, fidelity, trained=True)
+
+
+def mid_setup(args) -> Setup:
+    """The random mid-size set (no judge: its images are not scenes)."""
     from al.data import DIGIT_CLASSES, DigitScenesConfig, digit_scenes
     from al.models import build_segmenter
     from guidedgen.components import tiny_components
+    from guidedgen.generate import GuidanceConfig
     from guidedgen.guidance import build_objective
     from guidedgen.palette import Palette, distinct_ade20k_colours
     from guidedgen.sampler import GuidedControlNetSampler
 
-    torch.set_num_threads(args.threads)
-    spec = PRESETS[preset]
-    components = tiny_components(0, unet_channels=spec["unet_channels"], vae_channels=spec["vae_channels"])
-    masks = torch.from_numpy(digit_scenes(DigitScenesConfig(num_images=args.batch, size=spec["size"])).masks).long()
+    components = tiny_components(0, unet_channels=(64, 128, 256, 256), vae_channels=(32, 64, 128, 128))
+    masks = torch.from_numpy(digit_scenes(DigitScenesConfig(num_images=args.mid_batch, size=256)).masks).long()
     torch.manual_seed(0)
     segmenter = build_segmenter("unet", "tu-resnet10t", 11, encoder_depth=4, decoder_channels=(64, 32, 16, 16))
-    defaults = GuidanceConfig(strength=0.3, every=args.every)
-    objective = build_objective(defaults.objective, [segmenter]) if path != "unguided" else None
-    sampler = GuidedControlNetSampler(
-        components, Palette(tuple(DIGIT_CLASSES), distinct_ade20k_colours(11)), objective, defaults.schedule(),
-        gradient_path=path if path != "unguided" else "through_unet", num_inference_steps=args.steps,
-    )
-    prompts, seeds = ["digits"] * args.batch, list(range(args.batch))
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    start = time.perf_counter()
-    sampler(masks, prompts, seeds)
-    seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    params = sum(p.numel() for m in components.modules() for p in m.parameters()) / 1e6
-    queue.put((seconds, peak - base, params))
+    base = GuidanceConfig(strength=0.3)
+    objective = build_objective(base.objective, [segmenter])
+    palette = Palette(tuple(DIGIT_CLASSES), distinct_ade20k_colours(11))
+
+    def make_sampler(guidance):
+        guidance = guidance or dataclasses.replace(base, strength=0.0)
+        return GuidedControlNetSampler(components, palette, objective, guidance.schedule(), guidance.gradient_path,
+                                       args.mid_steps, decode_downsample=guidance.decode_downsample)
+
+    return Setup(make_sampler, base, masks, ["digits"] * args.mid_batch, list(range(args.mid_batch)), objective,
+                 lambda images: None, trained=False)
 
 
-def measure(preset: str, path: str, args):
+SETS = {"digits": digits_setup, "mid": mid_setup}
+
+
+@dataclasses.dataclass
+class SetResult:
+    unguided: list[Run]  # before the first variant and after each one
+    runs: dict[str, Run]  # variant name -> its run
+    view_error: dict[int, float]  # decode_downsample -> relative_view_error on the unguided latents
+    trained: bool
+
+
+def relative_view_error(decode: Callable, latents: Tensor, factor: int) -> float:
+    """How far the reduced view (decode of the block-averaged latent) is from a smaller copy of the
+    image (the block-averaged full decode): RMS of their gap over the image's RMS contrast.
+    ``latents [N, 4, h, w]``; 0 = the view is exactly the downsampled image."""
+    from guidedgen.resolution import downsample_latents
+
+    with torch.no_grad():
+        view = decode(downsample_latents(latents, factor))
+        reference = F.avg_pool2d(decode(latents), factor)
+    return float((view - reference).square().mean().sqrt() / (reference - reference.mean()).square().mean().sqrt())
+
+
+def worker(name: str, variants: list[str], args, queue) -> None:
+    """Unguided runs between the variants; each variant's base is the mean of the two beside it, so
+    a change in contention from other processes during the run reaches both sides of its ratio."""
+    torch.set_num_threads(args.threads)
+    setup = SETS[name](args)
+    setup.make_sampler(None)(setup.masks[:1], setup.prompts[:1], setup.seeds[:1])  # warm-up: first-call allocations
+
+    def run(guidance) -> tuple[Run, Tensor]:
+        sampler = setup.make_sampler(guidance)
+        wall, cpu = time.perf_counter(), time.process_time()
+        output = sampler(setup.masks, setup.prompts, setup.seeds)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        with torch.no_grad():
+            value = float(setup.objective(output.images, setup.masks).mean())
+        return Run(wall, cpu, value, setup.fidelity(output.images)), output.latents
+
+    first, latents = run(None)
+    unguided, runs = [first], {}
+    for variant in variants:
+        runs[variant] = run(guidance_for(setup.guidance, VARIANTS[variant]))[0]
+        unguided.append(run(None)[0])
+    factors = sorted({VARIANTS[v].keys.get("decode_downsample", 1) for v in variants} - {1})
+    decode = setup.make_sampler(None).decode
+    queue.put(SetResult(unguided, runs, {f: relative_view_error(decode, latents, f) for f in factors}, setup.trained))
+
+
+def measure(name: str, variants: list[str], args):
+    """One set's ``SetResult``, measured in a fresh process."""
     context = mp.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=worker, args=(preset, path, args, queue))
+    process = context.Process(target=worker, args=(name, variants, args, queue))
     process.start()
     result = queue.get()
     process.join()
     return result
 
 
+def ensure_guide() -> None:
+    """Train the demo's guiding segmenter if it is missing."""
+    from al.config import load_config
+    from guidedgen.generate import GenerateConfig
+
+    for path in load_config(GenerateConfig, DEMO_CONFIG).guidance.segmenters:
+        if not Path(path, "config.json").is_file():
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "scripts/train_segmenter.py", "--config", GUIDE_CONFIG, f"output_dir={path}"],
+                           check=True)
+            print(f"trained the missing guide {path} in {(time.perf_counter() - start) / 60:.1f} min")
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--batch", type=int, default=2)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--count", type=int, default=4, help="digits: val masks (one batch)")
+    parser.add_argument("--mid-steps", type=int, default=10)
+    parser.add_argument("--mid-batch", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--every", type=int, default=GuidanceConfig.every, help="guide every n-th step of the window")
+    parser.add_argument("--keep", type=float, default=0.9, help="share of the exact path's objective rise to keep")
     args = parser.parse_args()
-    ratio = None
-    for preset in PRESETS:
-        base_seconds, base_memory, params = measure(preset, "unguided", args)
-        print(f"{preset} ({params:.1f} M params, {PRESETS[preset]['size']}px, batch {args.batch}, {args.steps} steps): "
-              f"unguided {base_seconds:6.2f} s, peak +{base_memory:6.0f} MB")
-        for path in ("through_unet", "x0_shortcut"):
-            seconds, memory, _ = measure(preset, path, args)
-            print(f"  {path:12s}: {seconds:6.2f} s ({seconds / base_seconds:4.2f}x), peak +{memory:6.0f} MB "
-                  f"({memory / max(base_memory, 1):4.2f}x)")
-            if preset == "mid" and path == "through_unet":
-                ratio = seconds / base_seconds
-    print(f"ratio: {ratio:.2f}")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read by the spawned workers' OpenMP
+    variants = [EXACT] + [v for v in args.variants if v != EXACT]
+    if "digits" in args.sets:
+        ensure_guide()
+    shares, ratios, trained = {}, {}, {}
+    start = time.perf_counter()
+    for name in args.sets:
+        result = measure(name, variants, args)
+        unguided, base = result.unguided, result.unguided[0]
+        trained[name] = result.trained
+        judged = base.fidelity is not None
+        print(f"{name}{'' if result.trained else ' (random models: its gains do not count)'}: unguided "
+              f"{min(u.wall for u in unguided):.1f}-{max(u.wall for u in unguided):.1f} s wall, "
+              f"{min(u.cpu for u in unguided):.1f}-{max(u.cpu for u in unguided):.1f} s CPU, objective {base.objective:.5f}"
+              + (f", judge mIoU {base.fidelity:.3f}" if judged else ""))
+        print("  reduced view error: " + ", ".join(f"/{f} {e:.3f}" for f, e in result.view_error.items()))
+        print(f"  {'variant':48s} {'wall':>6s} {'CPU':>6s} {'objective gain':>14s} {'of exact':>8s}" + ("  judge" if judged else ""))
+        exact_rise = result.runs[EXACT].objective - base.objective
+        for (variant, run), before, after in zip(result.runs.items(), unguided, unguided[1:]):
+            share = (run.objective - base.objective) / exact_rise if exact_rise > 0 else float("nan")
+            shares.setdefault(variant, {})[name] = share
+            wall, cpu = run.wall / ((before.wall + after.wall) / 2), run.cpu / ((before.cpu + after.cpu) / 2)
+            ratios.setdefault(variant, {})[name] = cpu
+            print(f"  {variant:48s} {wall:5.2f}x {cpu:5.2f}x {run.objective / base.objective:14.5f} {share:8.2f}"
+                  + (f"  {run.fidelity:.3f}" if judged else ""))
+    counted = [name for name in args.sets if trained[name]] or args.sets
+    kept = [v for v in variants if all(shares[v][name] >= args.keep for name in counted)]
+    print(f"total {(time.perf_counter() - start) / 60:.1f} min; keeps the gain (>= {args.keep:g} of the exact rise "
+          f"on {', '.join(counted)}): {'; '.join(kept)}")
+    headline = "mid" if "mid" in args.sets else args.sets[0]
+    best = min(kept, key=lambda v: ratios[v][headline])
+    print(f"best: {best} ({headline})")
+    print(f"ratio: {ratios[best][headline]:.2f}")
 
 
 if __name__ == "__main__":

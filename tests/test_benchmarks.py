@@ -3,7 +3,9 @@
 import pytest
 import torch
 
+from benchmarks.guidance_overhead import Variant, guidance_for, relative_view_error
 from benchmarks.mask_fidelity import object_errors
+from guidedgen.generate import GuidanceConfig
 
 
 def test_object_errors_split_wrong_object_pixels_into_missed_and_misread():
@@ -30,3 +32,13 @@ def test_the_judge_loads_with_its_record_or_says_how_to_make_it(tmp_path):
     (tmp_path / "training.json").write_text(json.dumps({"val_miou": 0.5}))
     judge, record = load_judge(tmp_path)
     assert record["val_miou"] == 0.5 and not judge.training
+
+
+def test_guidance_variants_scale_strength_with_every_and_view_error_vanishes_for_linear_decoders():
+    guidance = guidance_for(GuidanceConfig(strength=0.1), Variant({"every": 2, "decode_downsample": 2}, 0.5))
+    assert (guidance.every, guidance.decode_downsample, guidance.strength) == (2, 2, pytest.approx(0.1))
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    mix = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+    linear = lambda z: torch.einsum("ck,nkhw->nchw", mix, z)  # commutes with block averaging
+    assert relative_view_error(linear, latents, 2) < 1e-6
+    assert relative_view_error(lambda z: linear(z).square(), latents, 2) > 0.1
