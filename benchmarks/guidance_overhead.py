@@ -6,8 +6,8 @@ Two component sets, each in its own process:
   guided by the demo segmenter (trained first if missing: about 2 minutes on 2 idle cores), on
   held-out val masks. Fidelity: the judge's mIoU (``models/digitscenes-judge``) when it exists.
 - ``mid``: a random ~41 M-parameter set at 256 px whose VAE upsamples 8x, as SD's does, guided
-  by a random segmenter at strength 0.3 (10 steps, batch 2). Its cost profile is SD's; its
-  objective gains do not count (random models: the segmenter's entropy sits within 0.01% of
+  by a random segmenter at strength 0.3 (10 steps, batch 2). Its cost profile is SD-like; its
+  objective gains do not count (random models: the segmenter's entropy sits within 0.5% of
   ln C, and a random VAE does not decode a block-averaged latent to a smaller copy of the image).
 
 A variant is a set of ``guidance.`` config keys. ``every: k`` also multiplies the strength by k,
