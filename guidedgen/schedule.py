@@ -17,7 +17,8 @@ class GuidanceSchedule:
     ``strength`` scales the normalised step on the latent: with ``normalize="rms"`` the update
     has root-mean-square ``strength * sqrt(1 - alpha_bar_t)`` per element, whatever the
     objective's scale; the noise-level factor keeps late steps, where little noise is left to
-    hide a change, from overshooting.
+    hide a change, from overshooting. The strength is per guided step: with ``every=k``, k times
+    the strength gives about the same total push from k times fewer steps (and decoder passes).
     ``decay="linear"`` ramps the strength down to 0 at ``end``.
     """
 
