@@ -79,6 +79,7 @@ class Segmenter(nn.Module):
             raise ValueError(f"cannot build {config.arch} with encoder {config.encoder!r}: {error}") from error
         if local_weights:
             local_weights(getattr(self.net.encoder, "model", self.net.encoder))
+        _drop_unused_blocks(getattr(self.net.encoder, "model", None))
         # Inputs are images in [0, 1]; ImageNet statistics suit pretrained and random encoders alike.
         self.register_buffer("pixel_mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
@@ -200,8 +201,21 @@ class Segmenter(nn.Module):
         except (json.JSONDecodeError, TypeError) as error:
             raise ValueError(f"{config_path} is not a valid segmenter config: {error}") from error
         model = cls(config)
-        model.load_state_dict(load_file(str(weights_path), device=map_location))
+        state, own = load_file(str(weights_path), device=map_location), model.state_dict()
+        # folders saved before _drop_unused_blocks still hold those blocks' weights
+        stale = [k for k in state if k not in own and k.startswith("net.encoder.model.blocks.")]
+        model.load_state_dict({k: v for k, v in state.items() if k not in stale})
         return model.eval()
+
+
+def _drop_unused_blocks(encoder: Optional[nn.Module]) -> None:
+    """timm's EfficientNet / MobileNet feature extractors build and run all their blocks even
+    when ``encoder_depth`` < 5 returns only earlier stages (at depth 4, 72% of Lite0's
+    parameters feed nothing). Drop the blocks after the last returned stage, so they are
+    neither computed nor saved; the outputs, gradients and random streams stay the same."""
+    blocks, info = getattr(encoder, "blocks", None), getattr(encoder, "feature_info", None)
+    if isinstance(blocks, nn.Sequential) and info is not None and getattr(encoder, "feature_hooks", True) is None:
+        encoder.blocks = blocks[: max(f["stage"] for f in info.get_dicts())]  # stage s is blocks[s - 1]'s output
 
 
 def build_segmenter(

@@ -143,3 +143,26 @@ def test_mc_probs_equals_the_differentiable_head_sampler():
     with torch.no_grad():
         reference = sample_head(model, model.features(x), 5, torch.Generator().manual_seed(3))
     torch.testing.assert_close(fast, reference, rtol=softmax_rtol(5), atol=0)  # same logits, two softmaxes
+
+
+def test_encoder_blocks_after_the_last_returned_stage_are_dropped_and_old_folders_still_load(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = build_segmenter("unet", "tu-efficientnet_lite0", 5, encoder_depth=3, decoder_channels=(16, 8, 8)).eval()
+    x = torch.rand(2, 3, 64, 64)
+    model(x).mean().backward()
+    assert all(p.grad is not None for p in model.parameters())  # nothing left that feeds nothing
+    # the same encoder as timm builds it, all blocks: same features from the kept weights
+    full = timm.create_model("efficientnet_lite0", features_only=True, out_indices=(0, 1, 2)).eval()
+    missing, unexpected = full.load_state_dict(model.net.encoder.model.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith(("blocks.3.", "blocks.4.", "blocks.5.", "blocks.6.")) for k in missing)
+    for ours, theirs in zip(model.net.encoder.model(x), full(x)):
+        assert torch.equal(ours, theirs)
+    # a folder saved before the blocks were dropped holds their weights too
+    model.save_pretrained(tmp_path)
+    state = {**{k: v.contiguous() for k, v in model.state_dict().items()},
+             **{f"net.encoder.model.{k}": v.contiguous() for k, v in full.state_dict().items() if k in missing}}
+    save_file(state, str(tmp_path / "model.safetensors"))
+    assert torch.equal(Segmenter.from_pretrained(tmp_path)(x), model(x))
