@@ -5,8 +5,11 @@ Every stage writes into one output folder and is skipped when its result is alre
 a killed run resumes::
 
     <output_dir>/seed_<s>/segmenter_<k>/         stage 1: segmenters on the real labelled set
+    <output_dir>/seed_<s>/segmenter_0_early/      stage 1: segmenter 0's recipe stopped early
+                                                  (only for a "committee: snapshots" variant)
     <output_dir>/seed_<s>/generated/<condition>/  stage 2: synthetic pairs (resumable writer)
     <output_dir>/seed_<s>/retrained/<condition>/  stage 3+4: real + synthetic, then val mIoU
+    <output_dir>/seed_<s>/retrained/<condition>_filtered/  the same with label_filter
     <output_dir>/results.csv, summary.md, miou.png, stages.csv
 """
 
@@ -20,16 +23,18 @@ import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 from matplotlib.figure import Figure
 
 from al.config import require
+from al.data.base import SegmentationDataset
 from al.data.folder import atomic_write_bytes, load_folder
 from al.experiment import DataConfig
 from al.loop import ModelConfig
+from al.metrics import confusion_matrix, iou_per_class
 from al.models import Segmenter
 from al.plots import save_figure
 from al.train import (
@@ -39,8 +44,9 @@ from al.train import (
     evaluate,
     train_segmenter,
 )
-from guidedgen.generate import GenerateConfig, run_generation
+from guidedgen.generate import GenerateConfig, GuidanceConfig, run_generation
 from guidedgen.guidance import OBJECTIVES, build_objective
+from guidedgen.quality import load_judge
 
 UNGUIDED = "unguided"
 REAL_ONLY = "real only"
@@ -54,8 +60,18 @@ class PipelineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=30, batch_size=8, lr=1e-3))
     committee_size: int = 3  # segmenters trained in stage 1; the first guides, all form the committee
-    # "unguided" or an objective of guidedgen.guidance.OBJECTIVES
+    # "unguided", an objective of guidedgen.guidance.OBJECTIVES (at generation.guidance), or a variant
     conditions: list[str] = field(default_factory=lambda: [UNGUIDED, "entropy", "committee", "expected_model_change"])
+    # Named guided conditions: the generation.guidance keys that differ, objective included, e.g.
+    # {entropy_late: {objective: entropy, start: 0.5, end: 1.0}}; "committee: snapshots" makes the
+    # committee segmenter 0 and its recipe stopped after snapshot_epochs (default: seeded members).
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    snapshot_epochs: int = 10
+    # An independent judge (guidedgen.quality.load_judge): each set's mask fidelity is reported and,
+    # with label_filter, every set is retrained a second time with the pixels the judge reads as
+    # another class than the mask's ignored (condition "<name> filtered").
+    judge: Optional[str] = None
+    label_filter: bool = False
     num_synthetic: int = 100
     synthetic_share: float = 0.5
     synthetic_loss_weight: float = 1.0
@@ -64,14 +80,34 @@ class PipelineConfig:
 
     def validate(self) -> None:
         for condition in self.conditions:
-            require(condition == UNGUIDED or condition in OBJECTIVES, "conditions", condition,
-                    f"{UNGUIDED!r} or one of {sorted(OBJECTIVES)}")
-        require(self.committee_size >= (2 if "committee" in self.conditions else 1), "committee_size",
+            require(condition == UNGUIDED or condition in OBJECTIVES or condition in self.variants, "conditions", condition,
+                    f"{UNGUIDED!r}, one of {sorted(OBJECTIVES)} or a name in variants {sorted(self.variants)}")
+        keys = {f.name for f in dataclasses.fields(GuidanceConfig)} - {"segmenters"}
+        for name, changes in self.variants.items():
+            require(name != UNGUIDED and name not in OBJECTIVES, "variants", name, "a name that is not an objective or 'unguided'")
+            require(changes.get("objective") in OBJECTIVES, f"variants.{name}.objective", changes.get("objective"),
+                    f"one of {sorted(OBJECTIVES)}")
+            require(changes.get("committee", "seeds") in ("seeds", "snapshots"), f"variants.{name}.committee",
+                    changes.get("committee"), "'seeds' or 'snapshots'")
+            for key in set(changes) - keys - {"committee"}:
+                require(False, f"variants.{name}", key, f"keys of generation.guidance {sorted(keys)} or 'committee'")
+        require(self.committee_size >= (2 if self._objectives_seen("committee") else 1), "committee_size",
                 self.committee_size, "an integer >= 2 when 'committee' is a condition (>= 1 otherwise)")
+        require(self.judge is not None or not self.label_filter, "judge", self.judge, "a judge folder when label_filter is on")
         require(0.0 < self.synthetic_share < 1.0, "synthetic_share", self.synthetic_share, "a number in (0, 1)")
         require(self.num_synthetic >= 1, "num_synthetic", self.num_synthetic, "an integer >= 1")
         require(self.generation.guidance.strength > 0 or self.conditions == [UNGUIDED], "generation.guidance.strength",
                 self.generation.guidance.strength, "a number > 0 (the strength of the guided conditions)")
+
+    def _objectives_seen(self, objective: str) -> bool:
+        return any(c == objective or self.variants.get(c, {}).get("objective") == objective
+                   and self.variants[c].get("committee", "seeds") == "seeds" for c in self.conditions)
+
+    def guidance(self, condition: str) -> tuple[GuidanceConfig, str]:
+        """The guidance of a guided condition and where its committee comes from."""
+        changes = dict(self.variants.get(condition, {"objective": condition}))
+        committee = changes.pop("committee", "seeds")
+        return dataclasses.replace(self.generation.guidance, **changes), committee
 
 
 class StageLog:
@@ -117,12 +153,16 @@ def _train(config: PipelineConfig, sources: list[TrainingSource], folder: Path, 
 
 
 def generation_config(config: PipelineConfig, condition: str, segmenters: list[Path], folder: Path, seed: int) -> GenerateConfig:
-    guidance = config.generation.guidance
+    """``segmenters``: the seeded committee (segmenter 0 first), then segmenter 0 stopped early."""
     if condition == UNGUIDED:
-        guidance = dataclasses.replace(guidance, objective=None, strength=0.0, segmenters=[str(segmenters[0])])
+        guidance = dataclasses.replace(config.generation.guidance, objective=None, strength=0.0,
+                                       segmenters=[str(segmenters[0])])
     else:
-        chosen = segmenters if condition == "committee" else segmenters[:1]
-        guidance = dataclasses.replace(guidance, objective=condition, segmenters=[str(p) for p in chosen])
+        guidance, committee = config.guidance(condition)
+        seeded = segmenters[:config.committee_size]
+        chosen = seeded[:1] if guidance.objective != "committee" else (seeded if committee == "seeds" else
+                                                                         [segmenters[0], segmenters[-1]])
+        guidance = dataclasses.replace(guidance, segmenters=[str(p) for p in chosen])
     return dataclasses.replace(config.generation, output_dir=str(folder), num_samples=config.num_synthetic, seed=seed,
                                masks=config.data, masks_split=config.data.train_split, guidance=guidance,
                                quality_segmenter=str(segmenters[0]), progress=config.progress)
@@ -135,8 +175,7 @@ def objective_values(folder: Path, segmenters: list[Path], ignore_index: int) ->
     if len(dataset) == 0:
         return {}
     models = [Segmenter.from_pretrained(p).eval() for p in segmenters]
-    images = torch.stack([dataset[i].image for i in range(len(dataset))])
-    masks = torch.stack([dataset[i].mask for i in range(len(dataset))])
+    images, masks = stacked(dataset)
     values = {}
     for name in ("entropy", "committee", "expected_model_change"):
         if name == "committee" and len(models) < 2:
@@ -148,6 +187,31 @@ def objective_values(folder: Path, segmenters: list[Path], ignore_index: int) ->
     return values
 
 
+def stacked(dataset: SegmentationDataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """All images ``[N, 3, H, W]`` and masks ``[N, H, W]`` of a (small) dataset."""
+    samples = [dataset[i] for i in range(len(dataset))]
+    return torch.stack([s.image for s in samples]), torch.stack([s.mask for s in samples])
+
+
+@torch.no_grad()
+def judge_set(images: torch.Tensor, masks: torch.Tensor, judge: Segmenter, num_classes: int,
+              ignore_index: int) -> tuple[dict[str, float], torch.Tensor]:
+    """How well an independent judge reads each mask in its image, and the label-filtered masks.
+
+    Returns ``{"fidelity_miou": mIoU of the judge's prediction against the masks over the
+    ``num_classes`` classes of the data, "fidelity_agreement": share of labelled pixels where it
+    reads the mask's class}`` and the masks with the other labelled pixels set to ``ignore_index``.
+    """
+    require(judge.num_classes >= num_classes, "judge", judge.num_classes,
+            f"a judge with at least the data's {num_classes} classes")
+    prediction = torch.cat([judge.predict(images[i:i + 32]) for i in range(0, len(images), 32)])
+    iou = iou_per_class(confusion_matrix(prediction, masks, judge.num_classes, ignore_index))[:num_classes]
+    labelled = masks != ignore_index
+    agree = (prediction == masks) & labelled
+    scores = {"fidelity_miou": float(iou.nanmean()), "fidelity_agreement": float(agree.sum() / labelled.sum().clamp_min(1))}
+    return scores, torch.where(agree | ~labelled, masks, torch.full_like(masks, ignore_index))
+
+
 def run_pipeline(config: PipelineConfig) -> str:
     """Run (or resume) every seed and condition; returns the markdown summary."""
     config.validate()
@@ -155,7 +219,10 @@ def run_pipeline(config: PipelineConfig) -> str:
     output.mkdir(parents=True, exist_ok=True)
     log = StageLog(output / "stages.csv")
     train_set, val_set = config.data.build(config.data.train_split), config.data.build(config.data.val_split)
+    ignore_index = train_set.ignore_index
+    judge = load_judge(config.judge)[0] if config.judge else None
     real = TrainingSource(DenseTargetDataset(train_set))
+    snapshots = any(config.guidance(c)[1] == "snapshots" for c in config.conditions if c != UNGUIDED)
     rows, committees = [], {}
     for seed in config.seeds:  # stage 1 for every seed first: it needs no generative model
         base = output / f"seed_{seed}"
@@ -165,26 +232,39 @@ def run_pipeline(config: PipelineConfig) -> str:
                              lambda f=folder, k=k: _train(config, [real], f, seed * 100 + k, train_set.num_classes, val_set,
                                                           config.train.epochs))
             if k == 0:
-                rows.append({"seed": seed, "condition": REAL_ONLY, "val_miou": record["val_miou"]})
+                fidelity = judge_set(*stacked(train_set), judge, train_set.num_classes, ignore_index)[0] if judge else {}
+                rows.append({"seed": seed, "condition": REAL_ONLY, "val_miou": record["val_miou"], **fidelity})
+        if snapshots:  # segmenter 0's seed, data order and recipe, stopped early
+            early = base / "segmenter_0_early"
+            log.run(f"seed {seed}: train on real ({early.name})",
+                    lambda f=early: _train(config, [real], f, seed * 100, train_set.num_classes, val_set, config.snapshot_epochs))
+            committees[seed].append(early)
     # A mixed epoch shows len(real) / real_share items: fewer epochs keep the number of optimizer
     # steps equal to the real-only run's, so synthetic data is not credited with extra training.
     retrain_epochs = max(1, round(config.train.epochs * (1.0 - config.synthetic_share)))
+    real_share = dataclasses.replace(real, share=1.0 - config.synthetic_share)
     for seed in config.seeds:
         base, segmenters = output / f"seed_{seed}", committees[seed]
         for condition in config.conditions:
             generated = base / "generated" / condition
             log.run(f"seed {seed}: generate {condition}",
                     lambda c=condition, g=generated: run_generation(generation_config(config, c, segmenters, g, seed)))
-            synthetic = TrainingSource(DenseTargetDataset(load_folder(generated)), config.synthetic_share,
-                                       config.synthetic_loss_weight, "synthetic")
-            real_share = dataclasses.replace(real, share=1.0 - config.synthetic_share)
-            record = log.run(f"seed {seed}: retrain real + {condition}",
-                             lambda g=generated, c=condition: _train(config, [real_share, synthetic],
-                                                                     base / "retrained" / c, seed * 100,
-                                                                     train_set.num_classes, val_set, retrain_epochs))
-            values = objective_values(generated, segmenters, train_set.ignore_index)
-            rows.append({"seed": seed, "condition": f"real + {condition}", "val_miou": record["val_miou"],
-                         "synthetic_samples": len(load_folder(generated)), **{f"objective_{k}": v for k, v in values.items()}})
+            dataset = load_folder(generated)
+            values = {f"objective_{k}": v
+                      for k, v in objective_values(generated, segmenters[:config.committee_size], ignore_index).items()}
+            images, masks = stacked(dataset)
+            fidelity, filtered = judge_set(images, masks, judge, train_set.num_classes, ignore_index) if judge else ({}, None)
+            training_sets = {condition: DenseTargetDataset(dataset)}
+            if config.label_filter:
+                training_sets[f"{condition} filtered"] = [{"image": i, "target": t} for i, t in zip(images, filtered)]
+            for name, items in training_sets.items():
+                synthetic = TrainingSource(items, config.synthetic_share, config.synthetic_loss_weight, "synthetic")
+                record = log.run(f"seed {seed}: retrain real + {name}",
+                                 lambda s=synthetic, n=name: _train(config, [real_share, s],
+                                                                    base / "retrained" / n.replace(" ", "_"), seed * 100,
+                                                                    train_set.num_classes, val_set, retrain_epochs))
+                rows.append({"seed": seed, "condition": f"real + {name}", "val_miou": record["val_miou"],
+                             "synthetic_samples": len(dataset), **values, **fidelity})
     return write_results(rows, output)
 
 
@@ -196,8 +276,8 @@ def write_results(rows: list[dict], output: Path) -> str:
     writer.writerows(rows)
     atomic_write_bytes(output / "results.csv", buffer.getvalue().encode())
     conditions = list(dict.fromkeys(row["condition"] for row in rows))
-    objective_keys = [k for k in fields if k.startswith("objective_")]
-    lines = ["| training data | val mIoU (%) | seeds | " + " | ".join(k[len("objective_"):] for k in objective_keys) + " |",
+    objective_keys = [k for k in fields if k.startswith(("objective_", "fidelity_"))]
+    lines = ["| training data | val mIoU (%) | seeds | " + " | ".join(k.replace("objective_", "") for k in objective_keys) + " |",
              "|---" * (3 + len(objective_keys)) + "|"]
     means, spreads = [], []
     for condition in conditions:
@@ -209,7 +289,9 @@ def write_results(rows: list[dict], output: Path) -> str:
                  for k in objective_keys]
         lines.append(f"| {condition} | {mious.mean():.1f} ± {mious.std():.1f} | {len(chosen)} | " + " | ".join(cells) + " |")
     summary = "\n".join(lines) + ("\n\nObjective columns: mean value of each informativeness objective on the "
-                                  "synthetic set, under the stage-1 segmenters (higher = the guiding model finds it harder).\n")
+                                  "synthetic set, under the stage-1 segmenters (higher = the guiding model finds it harder). "
+                                  "fidelity_miou / fidelity_agreement (with a judge): its mIoU against the masks and the share "
+                                  "of labelled pixels where it reads the mask's class (real only: on the real images).\n")
     atomic_write_bytes(output / "summary.md", summary.encode())
     figure = Figure(figsize=(1.6 + 1.3 * len(conditions), 3.4))
     axes = figure.add_subplot(1, 1, 1)

@@ -3,6 +3,10 @@ summary table, and a resume that recomputes nothing."""
 
 import csv
 
+import numpy as np
+import pytest
+import torch
+
 from scripts.pipeline import main as cli_main
 
 TINY = ["seeds=[0]", "data.num_train_images=4", "data.num_val_images=2", "data.size=64",
@@ -39,3 +43,73 @@ def test_pipeline_explains_bad_conditions(tmp_path, capsys):
     assert "'conditions' = 'glow'" in capsys.readouterr().err
     assert cli_main(["--config", "configs/pipeline_digits.yaml", f"output_dir={tmp_path}", "committee_size=1"]) == 2
     assert "committee_size" in capsys.readouterr().err
+
+
+def tiny_judge(folder, num_classes=11):
+    import json
+
+    from al.models import build_segmenter
+
+    torch.manual_seed(3)
+    judge = build_segmenter("unet", "tu-resnet10t", num_classes, encoder_depth=3, decoder_channels=(16, 8, 8))
+    judge.save_pretrained(folder)
+    (folder / "training.json").write_text(json.dumps({"val_miou": 0.5}))
+    return judge.eval()
+
+
+def test_judge_set_scores_fidelity_and_ignores_exactly_the_pixels_the_judge_reads_otherwise(tmp_path):
+    from al.experiment import DataConfig
+    from guidedgen.pipeline import judge_set, stacked
+
+    images, masks = stacked(DataConfig(num_train_images=3, size=64, digits=[0, 1, 2]).build("train"))
+    masks[0, :4] = 255  # unlabelled pixels stay unlabelled, whatever the judge reads
+    judge = tiny_judge(tmp_path)
+    with torch.no_grad():  # a judge that reads only background: right on some pixels, not all
+        judge.classifier.weight.zero_()
+        judge.classifier.bias.copy_(torch.eye(11)[0])
+    scores, filtered = judge_set(images, masks, judge, 4, 255)
+    prediction, masks = judge.predict(images).numpy(), masks.numpy()
+    labelled = masks != 255
+    agree = (prediction == masks) & labelled
+    assert 0 < agree.sum() < labelled.sum()  # both kinds of pixel are checked below
+    assert scores["fidelity_agreement"] == pytest.approx(agree.sum() / labelled.sum())
+    ious = [(agree & (masks == c)).sum() / (((prediction == c) | (masks == c)) & labelled).sum()
+            for c in range(4) if (((prediction == c) | (masks == c)) & labelled).any()]
+    assert scores["fidelity_miou"] == pytest.approx(np.mean(ious))
+    filtered = filtered.numpy()
+    assert (filtered[agree] == masks[agree]).all() and (filtered[~agree] == 255).all()
+
+
+def test_variants_snapshot_committee_and_label_filter(tmp_path):
+    import json
+
+    judge = tmp_path / "judge"
+    tiny_judge(judge)
+    variants = "variants={entropy_late: {objective: entropy, start: 0.5, end: 1.0, strength: 0.6}," \
+               " committee_snapshots: {objective: committee, committee: snapshots}}"
+    args = ["--config", "configs/pipeline_digits.yaml", f"output_dir={tmp_path / 'run'}", *TINY, "committee_size=1",
+            "conditions=[unguided,entropy_late,committee_snapshots]", variants, "snapshot_epochs=1",
+            f"judge={judge}", "label_filter=true"]
+    assert cli_main(args) == 0
+    rows = list(csv.DictReader(open(tmp_path / "run" / "results.csv")))
+    assert [r["condition"] for r in rows] == ["real only"] + [f"real + {c}{f}" for c in
+                                                              ("unguided", "entropy_late", "committee_snapshots")
+                                                              for f in ("", " filtered")]
+    assert all(0 <= float(r["fidelity_miou"]) <= 1 and 0 <= float(r["fidelity_agreement"]) <= 1 for r in rows)
+    seed = tmp_path / "run" / "seed_0"
+    generated = {c: json.loads((seed / "generated" / c / "dataset.json").read_text())["generator"]["config"]["guidance"]
+                 for c in ("entropy_late", "committee_snapshots")}
+    assert (generated["entropy_late"]["start"], generated["entropy_late"]["strength"]) == (0.5, 0.6)
+    assert generated["committee_snapshots"]["segmenters"] == [str(seed / "segmenter_0"), str(seed / "segmenter_0_early")]
+    assert json.loads((seed / "segmenter_0_early" / "training.json").read_text())["losses"].__len__() == 1
+    assert (seed / "retrained" / "committee_snapshots_filtered" / "training.json").exists()
+
+
+def test_pipeline_explains_bad_variants(tmp_path, capsys):
+    base = ["--config", "configs/pipeline_digits.yaml", f"output_dir={tmp_path}", "conditions=[late]"]
+    assert cli_main([*base, "variants={late: {objective: entropy, begin: 0.5}}"]) == 2
+    assert "variants.late" in capsys.readouterr().err
+    assert cli_main([*base, "variants={late: {objective: glow}}"]) == 2
+    assert "variants.late.objective" in capsys.readouterr().err
+    assert cli_main([*base, "variants={late: {objective: entropy}}", "label_filter=true"]) == 2
+    assert "judge" in capsys.readouterr().err
