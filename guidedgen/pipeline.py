@@ -10,7 +10,8 @@ a killed run resumes::
     <output_dir>/seed_<s>/generated/<condition>/  stage 2: synthetic pairs (resumable writer)
     <output_dir>/seed_<s>/retrained/<condition>/  stage 3+4: real + synthetic, then val mIoU
     <output_dir>/seed_<s>/retrained/<condition>_filtered/  the same with label_filter
-    <output_dir>/results.csv, summary.md, miou.png, stages.csv
+    <output_dir>/results.csv, summary.md, miou.png, stages.csv,
+                 sets.png (the first seed's sets side by side, same masks)
 """
 
 from __future__ import annotations
@@ -47,9 +48,13 @@ from al.train import (
 from guidedgen.generate import GenerateConfig, GuidanceConfig, run_generation
 from guidedgen.guidance import OBJECTIVES, build_objective
 from guidedgen.quality import load_judge
+from guidedgen.sheet import sets_sheet
 
 UNGUIDED = "unguided"
 REAL_ONLY = "real only"
+REAL_PLUS = "real + "  # the condition of a retrained row: REAL_PLUS + set name
+FILTERED = " filtered"  # set name suffix of a label-filtered set
+SHEET_SAMPLES = 8  # pairs per set in sets.png
 
 
 @dataclass
@@ -256,16 +261,38 @@ def run_pipeline(config: PipelineConfig) -> str:
             fidelity, filtered = judge_set(images, masks, judge, train_set.num_classes, ignore_index) if judge else ({}, None)
             training_sets = {condition: DenseTargetDataset(dataset)}
             if config.label_filter:
-                training_sets[f"{condition} filtered"] = [{"image": i, "target": t} for i, t in zip(images, filtered)]
+                training_sets[condition + FILTERED] = [{"image": i, "target": t} for i, t in zip(images, filtered)]
             for name, items in training_sets.items():
                 synthetic = TrainingSource(items, config.synthetic_share, config.synthetic_loss_weight, "synthetic")
                 record = log.run(f"seed {seed}: retrain real + {name}",
                                  lambda s=synthetic, n=name: _train(config, [real_share, s],
                                                                     base / "retrained" / n.replace(" ", "_"), seed * 100,
                                                                     train_set.num_classes, val_set, retrain_epochs))
-                rows.append({"seed": seed, "condition": f"real + {name}", "val_miou": record["val_miou"],
+                rows.append({"seed": seed, "condition": REAL_PLUS + name, "val_miou": record["val_miou"],
                              "synthetic_samples": len(dataset), **values, **fidelity})
+    first = output / f"seed_{config.seeds[0]}" / "generated"
+    shown = [stacked(load_folder(first / c)) for c in config.conditions]
+    count = min([len(masks) for _, masks in shown] + [SHEET_SAMPLES])
+    sets_sheet(shown[0][1][:count].numpy(), {c: images[:count].numpy() for c, (images, _) in zip(config.conditions, shown)},
+               train_set.num_classes, output / "sets.png")
     return write_results(rows, output)
+
+
+def paired_changes(rows: list[dict], condition: str, reference: str) -> list[float]:
+    """val mIoU (percentage points) of ``condition`` minus ``reference``, for each seed that has
+    both, in seed order; empty when the condition is the reference or either is missing."""
+    by_seed = {name: {row["seed"]: row["val_miou"] for row in rows if row["condition"] == name}
+               for name in (condition, reference)}
+    if condition == reference:
+        return []
+    return [100 * (by_seed[condition][s] - by_seed[reference][s]) for s in sorted(by_seed[condition])
+            if s in by_seed[reference]]
+
+
+def _change_cell(changes: list[float]) -> str:
+    if not changes:
+        return "-"
+    return f"{np.mean(changes):+.1f} ± {np.std(changes):.1f} (" + ", ".join(f"{c:+.1f}" for c in changes) + ")"
 
 
 def write_results(rows: list[dict], output: Path) -> str:
@@ -277,18 +304,24 @@ def write_results(rows: list[dict], output: Path) -> str:
     atomic_write_bytes(output / "results.csv", buffer.getvalue().encode())
     conditions = list(dict.fromkeys(row["condition"] for row in rows))
     objective_keys = [k for k in fields if k.startswith(("objective_", "fidelity_"))]
-    lines = ["| training data | val mIoU (%) | seeds | " + " | ".join(k.replace("objective_", "") for k in objective_keys) + " |",
-             "|---" * (3 + len(objective_keys)) + "|"]
+    lines = ["| training data | val mIoU (%) | seeds | paired vs real only | paired vs unguided | "
+             + " | ".join(k.replace("objective_", "") for k in objective_keys) + " |",
+             "|---" * (5 + len(objective_keys)) + "|"]
     means, spreads = [], []
     for condition in conditions:
         chosen = [row for row in rows if row["condition"] == condition]
         mious = np.array([row["val_miou"] for row in chosen]) * 100
         means.append(mious.mean())
         spreads.append(mious.std())
+        unguided = f"{REAL_PLUS}{UNGUIDED}" + (FILTERED if condition.endswith(FILTERED) else "")
+        changes = [_change_cell(paired_changes(rows, condition, reference)) for reference in (REAL_ONLY, unguided)]
         cells = [f"{np.mean([row[k] for row in chosen if k in row]):.4f}" if any(k in row for row in chosen) else "-"
                  for k in objective_keys]
-        lines.append(f"| {condition} | {mious.mean():.1f} ± {mious.std():.1f} | {len(chosen)} | " + " | ".join(cells) + " |")
-    summary = "\n".join(lines) + ("\n\nObjective columns: mean value of each informativeness objective on the "
+        lines.append(f"| {condition} | {mious.mean():.1f} ± {mious.std():.1f} | {len(chosen)} | "
+                     + " | ".join(changes + cells) + " |")
+    summary = "\n".join(lines) + ("\n\nPaired columns: mean ± std over seeds of the val mIoU change against the same "
+                                  "seed's reference (filtered sets against unguided filtered), per seed in brackets. "
+                                  "Objective columns: mean value of each informativeness objective on the "
                                   "synthetic set, under the stage-1 segmenters (higher = the guiding model finds it harder). "
                                   "fidelity_miou / fidelity_agreement (with a judge): its mIoU against the masks and the share "
                                   "of labelled pixels where it reads the mask's class (real only: on the real images).\n")

@@ -32,3 +32,25 @@ def contact_sheet(control: np.ndarray, unguided: np.ndarray, guided: np.ndarray,
             if c == 0:
                 axes.set_ylabel(captions[r], fontsize=7)
     save_figure(figure, path)
+
+
+def sets_sheet(masks: np.ndarray, images: dict[str, np.ndarray], num_classes: int,
+               path: Union[str, os.PathLike]) -> None:
+    """The same masks drawn by several generated sets: the masks on the top row, then one row per
+    set. ``masks`` int ``[N, H, W]`` (values >= ``num_classes`` are unlabelled, shown white);
+    ``images`` name -> float ``[N, 3, H, W]`` in [0, 1]."""
+    rows, count = 1 + len(images), len(masks)
+    figure = Figure(figsize=(1.2 * count + 1.2, 1.25 * rows))
+    shown_masks = np.ma.masked_greater_equal(masks, num_classes)
+    panels = [("masks", [(m, dict(cmap="tab10", vmin=0, vmax=9, interpolation="nearest")) for m in shown_masks])]
+    panels += [(name, [(np.asarray(i).transpose(1, 2, 0).clip(0, 1), {}) for i in set_images])
+               for name, set_images in images.items()]
+    for r, (name, row) in enumerate(panels):
+        for c, (panel, style) in enumerate(row):
+            axes = figure.add_subplot(rows, count, r * count + c + 1)
+            axes.imshow(panel, **style)
+            axes.set_xticks([])
+            axes.set_yticks([])
+            if c == 0:
+                axes.set_ylabel(name, fontsize=7, rotation=0, ha="right", va="center")
+    save_figure(figure, path)

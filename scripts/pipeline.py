@@ -3,7 +3,8 @@
     python scripts/pipeline.py --config configs/pipeline_digits.yaml [key=value ...]
 
 Each stage is skipped when its output exists, so a re-run resumes. Writes results.csv,
-summary.md, miou.png and stages.csv (wall time, peak memory) into output_dir.
+summary.md (with paired changes per seed), miou.png, sets.png (the first seed's sets side
+by side) and stages.csv (wall time, peak memory) into output_dir.
 """
 
 import sys
@@ -22,7 +23,7 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(summary)
-    print(f"wrote {config.output_dir}/results.csv, summary.md, miou.png, stages.csv")
+    print(f"wrote {config.output_dir}/results.csv, summary.md, miou.png, sets.png, stages.csv")
     return 0
 
 

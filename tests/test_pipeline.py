@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from guidedgen.pipeline import paired_changes, write_results
 from scripts.pipeline import main as cli_main
 
 TINY = ["seeds=[0]", "data.num_train_images=4", "data.num_val_images=2", "data.size=64",
@@ -24,7 +25,7 @@ def test_pipeline_writes_every_stage_and_resumes_without_recomputing(tmp_path, c
     assert all(0 <= float(r["val_miou"]) <= 1 for r in rows)
     assert all(r["synthetic_samples"] == "2" for r in rows[1:])
     assert {"objective_entropy", "objective_committee", "objective_expected_model_change"} <= set(rows[1])
-    for name in ("summary.md", "miou.png", "stages.csv"):
+    for name in ("summary.md", "miou.png", "sets.png", "stages.csv"):
         assert (tmp_path / name).exists()
     for condition in ("unguided", "entropy", "committee", "expected_model_change"):
         assert len(list((tmp_path / "seed_0" / "generated" / condition / "images").glob("*.png"))) == 2
@@ -36,6 +37,23 @@ def test_pipeline_writes_every_stage_and_resumes_without_recomputing(tmp_path, c
     assert cli_main(args) == 0  # resume: every stage found done, same numbers, timings kept
     assert (tmp_path / "results.csv").read_text() == first
     assert (tmp_path / "stages.csv").read_text() == stages
+
+
+def test_paired_changes_are_per_seed_differences_and_the_summary_shows_them(tmp_path):
+    rows = [{"seed": s, "condition": c, "val_miou": v} for s, c, v in
+            [(0, "real only", 0.50), (1, "real only", 0.40), (2, "real only", 0.45),
+             (0, "real + unguided", 0.52), (1, "real + unguided", 0.35), (2, "real + unguided", 0.45),
+             (0, "real + entropy", 0.55), (2, "real + entropy", 0.47),
+             (0, "real + entropy filtered", 0.60), (0, "real + unguided filtered", 0.58)]]
+    assert paired_changes(rows, "real + unguided", "real only") == pytest.approx([2.0, -5.0, 0.0])
+    assert paired_changes(rows, "real + entropy", "real + unguided") == pytest.approx([3.0, 2.0])  # seed 1 missing
+    assert paired_changes(rows, "real only", "real only") == []
+    summary = write_results(rows, tmp_path)
+    entropy = next(line for line in summary.splitlines() if line.startswith("| real + entropy |"))
+    assert "| +2.5 ± 0.5 (+3.0, +2.0) |" in entropy  # vs unguided: mean, population std, per seed
+    assert "| +3.5 ± 1.5 (+5.0, +2.0) |" in entropy  # vs real only
+    filtered = next(line for line in summary.splitlines() if line.startswith("| real + entropy filtered |"))
+    assert "| +2.0 ± 0.0 (+2.0) |" in filtered  # against unguided filtered, not unguided
 
 
 def test_pipeline_explains_bad_conditions(tmp_path, capsys):
