@@ -4,7 +4,7 @@ from conftest import softmax_rtol
 
 from al.mc import mc_moments, mc_probs
 from al.moments import MCMoments
-from al.models import ARCHITECTURES, Segmenter, build_segmenter
+from al.models import ARCHITECTURES, Segmenter, build_segmenter, dropout_keep_mask
 
 # Small smp configurations per architecture, 64x64 inputs (as smp's own model tests).
 TINY = {
@@ -126,6 +126,25 @@ def test_mc_dropout_mean_matches_deterministic_prediction_in_expectation():
     mean = torch.stack([model.classify(features, generator, stochastic=True) for _ in range(400)]).mean(0)
     deterministic = model.classify(features)
     assert (mean - deterministic).abs().mean() < 0.1 * deterministic.abs().mean()
+
+
+@pytest.mark.parametrize("keep", [0.8, 0.5, 0.95])
+def test_dropout_keep_mask_draws_independent_bernoullis_at_the_rounded_rate(keep):
+    generator = torch.Generator().manual_seed(0)
+    mask, rate = dropout_keep_mask((400, 1001), keep, generator)  # an odd count: the last word half used
+    assert mask.shape == (400, 1001) and mask.dtype == torch.bool
+    assert rate == round(keep * 65536) / 65536 and abs(rate - keep) <= 0.5 / 65536
+    n, sigma = mask.numel(), (rate * (1 - rate) / mask.numel()) ** 0.5
+    assert abs(mask.double().mean().item() - rate) < 5 * sigma
+    flat = mask.flatten().double()
+    for lag in (1, 2, 3, 4, 1001):  # slices of one 64-bit word, neighbouring words, the next row
+        both = (flat[:-lag] * flat[lag:]).mean().item()
+        assert abs(both - rate ** 2) < 5 * (rate ** 2 * (1 - rate ** 2) / (n - lag)) ** 0.5
+    again, _ = dropout_keep_mask((400, 1001), keep, torch.Generator().manual_seed(0))
+    assert torch.equal(mask, again)
+    assert dropout_keep_mask((3, 4), 1.0)[0].all()
+    with pytest.raises(ValueError, match="keep"):
+        dropout_keep_mask((3, 4), 0.0)
 
 
 def test_a_head_that_does_not_restore_the_input_size_is_refused():
