@@ -18,11 +18,18 @@ so the latent gets the same total push from k-times fewer guided steps. Per vari
   took 10x the work, so CPU time then counted waiting;
 - the objective gain: the guiding objective on the final full-resolution images, guided /
   unguided, and its rise as a share of the exact path's (``through_unet``, full-resolution
-  decode). A variant *keeps the gain* when that share is >= ``--keep`` (0.9) on the trained set.
+  decode);
+- on the trained set, the strength at which the variant's rise matches the exact path's:
+  ``--calibration-steps`` updates of its strength multiplier (``next_multiplier``: proportional
+  until the tried rises bracket the exact one, then interpolated), keeping the run whose share
+  is nearest 1; then its share and the judge's mIoU at that strength. A variant *keeps the
+  gain* when its calibrated share is >= ``--keep`` (0.9) and its calibrated judge mIoU is at
+  most ``--fidelity-drop`` (0.05) below the exact path's. Its cost does not depend on the
+  strength, so its time ratio stands.
 - the reduced view error (``decode_downsample``): how far the decode of the block-averaged
   latent is from a smaller copy of the image.
 
-    python benchmarks/guidance_overhead.py [--count 4 --mid-steps 10 --mid-batch 2]
+    python benchmarks/guidance_overhead.py [--count 8 --mid-steps 10 --mid-batch 2 --calibration-steps 3]
 
 Last line: ``ratio: <guided / unguided CPU time on mid>`` of the cheapest variant that keeps the gain.
 """
@@ -61,8 +68,6 @@ VARIANTS: dict[str, Variant] = {
     "x0_shortcut, decode /4": Variant({**SHORTCUT, "decode_downsample": 4}),
     "x0_shortcut, every 2": Variant({**SHORTCUT, "every": 2}),
     "x0_shortcut, decode /2, every 2": Variant({**SHORTCUT, "decode_downsample": 2, "every": 2}),
-    # the same at a lower strength: about the exact path's gain on the trained set
-    "x0_shortcut, decode /2, every 2, strength x0.6": Variant({**SHORTCUT, "decode_downsample": 2, "every": 2}, 0.6),
     "through_unet, decode /2, every 2": Variant({"decode_downsample": 2, "every": 2}),
 }
 EXACT = "through_unet"
@@ -91,6 +96,22 @@ class Setup:
 def guidance_for(base, variant: Variant):
     """``base`` (a GuidanceConfig) with a variant's keys; ``every: k`` scales the strength by k."""
     return dataclasses.replace(base, **variant.keys, strength=base.strength * variant.strength * variant.keys.get("every", 1))
+
+
+def next_multiplier(tried: list[tuple[float, float]], target: float, limit: float = 4.0) -> float:
+    """The next strength multiplier to try for an objective rise of ``target``, from the
+    ``(multiplier, rise)`` pairs tried so far. Once two neighbouring multipliers' rises straddle
+    the target, linear interpolation between the lowest such pair (the rise need not grow
+    monotonically with strength, and the lower strength harms the image less); before that, the
+    multiplier that would hit it if the last rise were proportional to strength, changing by at
+    most ``limit``x (a rise <= 0 says only "push harder")."""
+    ordered = sorted(tried)
+    for (low, low_rise), (high, high_rise) in zip(ordered, ordered[1:]):
+        if (low_rise - target) * (high_rise - target) <= 0 and low_rise != high_rise:
+            return low + (target - low_rise) * (high - low) / (high_rise - low_rise)
+    multiplier, rise = tried[-1]
+    factor = target / rise if rise > 0 else limit
+    return multiplier * min(max(factor, 1 / limit), limit)
 
 
 def digits_setup(args) -> Setup:
@@ -165,6 +186,7 @@ class SetResult:
     runs: dict[str, Run]  # variant name -> its run
     view_error: dict[int, float]  # decode_downsample -> relative_view_error on the unguided latents
     trained: bool
+    calibrated: dict[str, list[tuple[float, Run]]]  # variant -> (strength multiplier, run) tried, trained sets
 
 
 def relative_view_error(decode: Callable, latents: Tensor, factor: int) -> float:
@@ -195,14 +217,26 @@ def worker(name: str, variants: list[str], args, queue) -> None:
             value = float(setup.objective(output.images, setup.masks).mean())
         return Run(wall, cpu, value, setup.fidelity(output.images)), output.latents
 
+    def calibrate(variant: str, target: float) -> list[tuple[float, Run]]:
+        """The variant's runs at the strength multipliers tried to reach the ``target`` rise."""
+        tried = [(VARIANTS[variant].strength, runs[variant])]
+        for _ in range(args.calibration_steps):
+            multiplier = next_multiplier([(m, r.objective - first.objective) for m, r in tried], target)
+            scaled = dataclasses.replace(VARIANTS[variant], strength=multiplier)
+            tried.append((multiplier, run(guidance_for(setup.guidance, scaled))[0]))
+        return tried
+
     first, latents = run(None)
     unguided, runs = [first], {}
     for variant in variants:
         runs[variant] = run(guidance_for(setup.guidance, VARIANTS[variant]))[0]
         unguided.append(run(None)[0])
+    target = runs[EXACT].objective - first.objective
+    calibrated = {v: calibrate(v, target) for v in variants if v != EXACT} if setup.trained and target > 0 else {}
     factors = sorted({VARIANTS[v].keys.get("decode_downsample", 1) for v in variants} - {1})
     decode = setup.make_sampler(None).decode
-    queue.put(SetResult(unguided, runs, {f: relative_view_error(decode, latents, f) for f in factors}, setup.trained))
+    queue.put(SetResult(unguided, runs, {f: relative_view_error(decode, latents, f) for f in factors}, setup.trained,
+                        calibrated))
 
 
 def measure(name: str, variants: list[str], args):
@@ -233,41 +267,55 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--count", type=int, default=4, help="digits: val masks (one batch)")
+    parser.add_argument("--count", type=int, default=8, help="digits: val masks (one batch)")
     parser.add_argument("--mid-steps", type=int, default=10)
     parser.add_argument("--mid-batch", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--calibration-steps", type=int, default=3, help="strength updates per variant (trained sets)")
     parser.add_argument("--keep", type=float, default=0.9, help="share of the exact path's objective rise to keep")
+    parser.add_argument("--fidelity-drop", type=float, default=0.05, help="judge mIoU a variant may lose vs the exact path")
     args = parser.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read by the spawned workers' OpenMP
     variants = [EXACT] + [v for v in args.variants if v != EXACT]
     if "digits" in args.sets:
         ensure_guide()
-    shares, ratios, trained = {}, {}, {}
+    ratios, keeps = {}, {v: [] for v in variants}
     start = time.perf_counter()
     for name in args.sets:
         result = measure(name, variants, args)
         unguided, base = result.unguided, result.unguided[0]
-        trained[name] = result.trained
         judged = base.fidelity is not None
         print(f"{name}{'' if result.trained else ' (random models: its gains do not count)'}: unguided "
               f"{min(u.wall for u in unguided):.1f}-{max(u.wall for u in unguided):.1f} s wall, "
               f"{min(u.cpu for u in unguided):.1f}-{max(u.cpu for u in unguided):.1f} s CPU, objective {base.objective:.5f}"
               + (f", judge mIoU {base.fidelity:.3f}" if judged else ""))
         print("  reduced view error: " + ", ".join(f"/{f} {e:.3f}" for f, e in result.view_error.items()))
-        print(f"  {'variant':48s} {'wall':>6s} {'CPU':>6s} {'objective gain':>14s} {'of exact':>8s}" + ("  judge" if judged else ""))
-        exact_rise = result.runs[EXACT].objective - base.objective
+        print(f"  {'variant':40s} {'wall':>6s} {'CPU':>6s} {'gain':>7s} {'of exact':>8s}" + ("  judge" if judged else "")
+              + ("  | calibrated: strength, of exact" + (", judge" if judged else "") if result.calibrated else ""))
+        exact = result.runs[EXACT]
+        exact_rise = exact.objective - base.objective
+
+        def share(run: Run) -> float:
+            return (run.objective - base.objective) / exact_rise if exact_rise > 0 else float("nan")
+
         for (variant, run), before, after in zip(result.runs.items(), unguided, unguided[1:]):
-            share = (run.objective - base.objective) / exact_rise if exact_rise > 0 else float("nan")
-            shares.setdefault(variant, {})[name] = share
             wall, cpu = run.wall / ((before.wall + after.wall) / 2), run.cpu / ((before.cpu + after.cpu) / 2)
             ratios.setdefault(variant, {})[name] = cpu
-            print(f"  {variant:48s} {wall:5.2f}x {cpu:5.2f}x {run.objective / base.objective:14.5f} {share:8.2f}"
-                  + (f"  {run.fidelity:.3f}" if judged else ""))
-    counted = [name for name in args.sets if trained[name]] or args.sets
-    kept = [v for v in variants if all(shares[v][name] >= args.keep for name in counted)]
-    print(f"total {(time.perf_counter() - start) / 60:.1f} min; keeps the gain (>= {args.keep:g} of the exact rise "
-          f"on {', '.join(counted)}): {'; '.join(kept)}")
+            line = (f"  {variant:40s} {wall:5.2f}x {cpu:5.2f}x {run.objective / base.objective:7.3f} {share(run):8.2f}"
+                    + (f"  {run.fidelity:.3f}" if judged else ""))
+            tried = result.calibrated.get(variant, [(VARIANTS[variant].strength, run)])
+            at, calibrated = min(tried, key=lambda t: abs(share(t[1]) - 1))  # nearest the exact rise
+            if variant in result.calibrated:
+                line += f"  | x{at:.2f}, {share(calibrated):.2f}" + (f", {calibrated.fidelity:.3f}" if judged else "")
+                line += "\n    tried: " + ", ".join(f"x{m:.2f} {share(r):.2f}" + (f" ({r.fidelity:.3f})" if judged else "")
+                                             for m, r in sorted(tried, key=lambda t: t[0]))
+            print(line)
+            if result.trained:  # only trained models' gains count
+                faithful = not judged or calibrated.fidelity >= exact.fidelity - args.fidelity_drop
+                keeps[variant].append(share(calibrated) >= args.keep and faithful)
+    kept = [v for v in variants if all(keeps[v])]
+    print(f"total {(time.perf_counter() - start) / 60:.1f} min; keeps the gain (calibrated share >= {args.keep:g}, "
+          f"judge mIoU >= the exact path's - {args.fidelity_drop:g}): {'; '.join(kept)}")
     headline = "mid" if "mid" in args.sets else args.sets[0]
     best = min(kept, key=lambda v: ratios[v][headline])
     print(f"best: {best} ({headline})")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from benchmarks.guidance_overhead import Variant, guidance_for, relative_view_error
+from benchmarks.guidance_overhead import Variant, guidance_for, next_multiplier, relative_view_error
 from benchmarks.mask_fidelity import object_errors
 from guidedgen.generate import GuidanceConfig
 
@@ -42,3 +42,15 @@ def test_guidance_variants_scale_strength_with_every_and_view_error_vanishes_for
     linear = lambda z: torch.einsum("ck,nkhw->nchw", mix, z)  # commutes with block averaging
     assert relative_view_error(linear, latents, 2) < 1e-6
     assert relative_view_error(lambda z: linear(z).square(), latents, 2) > 0.1
+
+
+def test_strength_calibration_solves_a_proportional_rise_then_interpolates_a_bracket():
+    rise = lambda multiplier: 0.3 * multiplier  # a variant whose rise is proportional to strength
+    assert rise(next_multiplier([(1.0, rise(1.0))], target=0.75)) == pytest.approx(0.75)
+    assert next_multiplier([(2.0, 0.01)], target=1.0) == pytest.approx(8.0)  # at most 4x per step
+    assert next_multiplier([(2.0, 10.0)], target=1.0) == pytest.approx(0.5)
+    assert next_multiplier([(2.0, -0.1)], target=1.0) == pytest.approx(8.0)  # no rise: push harder
+    # a rise that peaks: once bracketed, interpolate within the lowest straddling pair
+    tried = [(1.0, 0.5), (4.0, 0.7), (2.0, 1.5)]
+    assert next_multiplier(tried, target=1.0) == pytest.approx(1.5)
+    assert next_multiplier([(1.0, 0.5), (2.0, 0.5)], target=1.0) == pytest.approx(4.0)  # no bracket: proportional
