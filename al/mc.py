@@ -95,7 +95,4 @@ def mc_moments(
         if moments is None:
             moments = MCMoments.empty_like(probs)
         moments.add(probs)
-    if at_decoder_resolution:
-        moments = MCMoments(moments.count, model.upsample(moments.sum_p), model.upsample(moments.sum_p2),
-                            model.upsample(moments.sum_entropy[:, None])[:, 0])
-    return moments
+    return moments.map(model.upsample) if at_decoder_resolution else moments

@@ -96,8 +96,9 @@ def test_mc_moments_stream_the_same_samples_as_mc_probs(arch):
     expected = MCMoments.of(stack)
     assert streamed.shape == stack.shape and len(calls) == 2 and model.training
     # the stack's in-place softmax and Tensor.softmax round differently: float32 ulps of p <= 1
-    for name in ("sum_p", "sum_p2", "sum_entropy"):
-        torch.testing.assert_close(getattr(streamed, name), getattr(expected, name), rtol=1e-5, atol=5 * 2e-7 * 5)
+    for name in ("mean", "variance"):
+        torch.testing.assert_close(getattr(streamed, name)(), getattr(expected, name)(), rtol=1e-5, atol=5 * 2e-7 * 5)
+    torch.testing.assert_close(streamed.sum_entropy, expected.sum_entropy, rtol=1e-5, atol=5 * 2e-7 * 5)
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
@@ -110,10 +111,11 @@ def test_mc_moments_at_decoder_resolution_upsample_the_low_resolution_statistics
     probs = torch.stack([model.classify(features, generator, True, upsample=False).softmax(1) for _ in range(3)])
     expected = MCMoments.of(probs)
     assert low.shape == (3, 2, 5, 64, 64)
-    torch.testing.assert_close(low.sum_p, model.upsample(expected.sum_p), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(low.mean(), model.upsample(expected.mean()), rtol=1e-6, atol=1e-6)
+    assert (low.variance() >= 0).all()
     if arch == "unet":  # no upsampling in the head: the exact statistics
         exact = mc_moments(model, x, 3, torch.Generator().manual_seed(2))
-        torch.testing.assert_close(low.sum_p2, exact.sum_p2, rtol=0, atol=0)
+        torch.testing.assert_close(low.variance(), exact.variance(), rtol=0, atol=0)
 
 
 def test_mc_dropout_mean_matches_deterministic_prediction_in_expectation():
@@ -145,6 +147,30 @@ def test_dropout_keep_mask_draws_independent_bernoullis_at_the_rounded_rate(keep
     assert dropout_keep_mask((3, 4), 1.0)[0].all()
     with pytest.raises(ValueError, match="keep"):
         dropout_keep_mask((3, 4), 0.0)
+
+
+def test_the_dropout_head_by_pixel_blocks_is_the_1x1_conv_of_the_masked_features(monkeypatch):
+    """Blocks of 3 pixels (the last one ragged): each block's mask comes from the generator in
+    turn, and the logits are the classifier's conv of the masked features, differentiably."""
+    import torch.nn.functional as F
+
+    from al import models
+
+    model = tiny("unet", dropout=0.3).eval()
+    features = model.features(torch.rand(2, 3, 64, 64)).detach()[:, :, :4, :5].requires_grad_()  # 20 pixels
+    n, d = features.shape[:2]
+    monkeypatch.setattr(models, "_HEAD_BLOCK_ELEMENTS", 3 * n * d)
+    logits = model.classify(features, torch.Generator().manual_seed(5), stochastic=True)
+    generator, masks = torch.Generator().manual_seed(5), []
+    for start in range(0, 20, 3):
+        mask, rate = dropout_keep_mask((n, d, min(3, 20 - start)), 0.7, generator)
+        masks.append(mask)
+    mask = torch.cat(masks, 2).unflatten(2, (4, 5))
+    expected = F.conv2d(features * mask / rate, model.classifier.weight, model.classifier.bias)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-6)
+    assert 0.5 < mask.float().mean() < 0.9  # a real mask, at about the keep rate
+    logits.square().sum().backward()
+    assert features.grad is not None and (features.grad[~mask] == 0).all() and features.grad[mask].abs().sum() > 0
 
 
 def test_a_head_that_does_not_restore_the_input_size_is_refused():

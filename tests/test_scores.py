@@ -264,3 +264,18 @@ def test_unknown_score_lists_valid_names():
 def test_bad_shape_is_explained():
     with pytest.raises(ValueError, match=r"\[K, N, C, \*S\]"):
         scores.entropy(torch.rand(4, 4))
+
+
+def test_streamed_float32_variance_holds_where_the_variance_is_far_below_the_mean_squared():
+    """The shifted float32 sums keep BalEnt's variance where plain float32 sums of p^2 cancel."""
+    from al.moments import MCMoments
+
+    k = 20
+    samples = torch.from_numpy((0.9 + 1e-4 * np.random.default_rng(0).standard_normal((k, 2, 3, 50))).astype(np.float32))
+    exact = samples.double().var(0)  # float64 variance of the same float32 samples, about 1e-8
+    moments = MCMoments.of(samples)
+    assert moments.sum_shifted2.dtype == torch.float32
+    np.testing.assert_allclose(moments.variance().numpy(), exact.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(moments.mean().numpy(), samples.double().mean(0).numpy(), rtol=1e-7)
+    unshifted = (samples.square().sum(0) - samples.sum(0).square() / k) / (k - 1)
+    assert not np.allclose(unshifted.double().numpy(), exact.numpy(), rtol=0.1)
