@@ -69,9 +69,11 @@ ACQUISITIONS: dict[str, Acquisition] = {
 
 
 @torch.no_grad()
-def pool_predictions(model: nn.Module, images: Tensor, k: int, generator: Optional[torch.Generator] = None) -> Predictions:
+def pool_predictions(model: nn.Module, images: Tensor, k: int, generator: Optional[torch.Generator] = None,
+                     at_decoder_resolution: bool = False) -> Predictions:
     """K last-layer MC-dropout samples of a :class:`Segmenter` (plus its difficulty map when it
-    has DEAL's branch), or the members of an ensemble that has ``mc_probs(images)``."""
+    has DEAL's branch), or the members of an ensemble that has ``mc_probs(images)``.
+    ``at_decoder_resolution``: see :func:`al.mc.mc_moments`."""
     if not isinstance(model, Segmenter):
         return Predictions(model.mc_probs(images))
     difficulty = None
@@ -79,7 +81,7 @@ def pool_predictions(model: nn.Module, images: Tensor, k: int, generator: Option
         was_training = model.training
         difficulty = model.eval().difficulty(model(images))
         model.train(was_training)
-    return Predictions(mc_moments(model, images, k, generator), difficulty)
+    return Predictions(mc_moments(model, images, k, generator, at_decoder_resolution), difficulty)
 
 
 def get_acquisition(name: str) -> Acquisition:

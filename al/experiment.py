@@ -231,7 +231,7 @@ def uncertainty_maps(config: ExperimentConfig, val_set: SegmentationDataset, mod
     samples = [val_set[i] for i in range(min(config.uncertainty_map_images, len(val_set)))]
     images = torch.stack([s.image for s in samples]).to(device)
     generator = torch.Generator(device=device).manual_seed(0)
-    probs = pool_predictions(model, images, config.loop.mc_samples, generator).probs
+    probs = pool_predictions(model, images, config.loop.mc_samples, generator, config.loop.mc_at_decoder_resolution).probs
     maps = {"BalEnt": balanced_entropy(probs), "BALD": bald(probs), "entropy": entropy(probs),
             "P_marg": marginal_confidence(probs)}
     plot_uncertainty_maps(

@@ -97,6 +97,10 @@ class LoopConfig:
     pixels_per_image: int = 5
     cycles: int = 5
     mc_samples: int = 20
+    # True: where the head upsamples (DeepLabV3+, FPN), the K softmaxes at the decoder's
+    # resolution and their statistics upsampled once (al.mc.mc_moments): 2.0x a forward instead
+    # of 5.7-6.4x on DeepLabV3+ at 512 px (docs/results/benchmarks.md); the reference upsamples first
+    mc_at_decoder_resolution: bool = False
     inference_batch_size: int = 32
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -128,6 +132,8 @@ class LoopConfig:
         # settings a run does not use stay out, so earlier runs keep their fingerprint
         if self.synthetic.root is None:
             values.pop("synthetic")
+        if not self.mc_at_decoder_resolution:  # earlier runs predate it
+            values.pop("mc_at_decoder_resolution")
         if not self.warm_start:  # earlier runs predate warm starts
             values.pop("warm_start")
             values.pop("warm_start_epochs")
@@ -368,7 +374,8 @@ class ActiveLearningLoop:
         subset = Subset(self.train_set, [self.train_set.index_of(i) for i in image_ids])
         loader = DataLoader(subset, batch_size=self.config.inference_batch_size, collate_fn=collate_samples)
         for batch in tqdm(loader, desc=f"acquire {self.acquisition}", disable=not self.progress, leave=False):
-            predictions = pool_predictions(model, batch["image"].to(self.device), self.config.mc_samples, generator)
+            predictions = pool_predictions(model, batch["image"].to(self.device), self.config.mc_samples, generator,
+                                           self.config.mc_at_decoder_resolution)
             yield batch["id"], self.spec.score(predictions, generator).cpu()
 
     def _acquire_images(self, model: nn.Module, tag: str, generator: torch.Generator,

@@ -246,3 +246,20 @@ def test_workers_share_an_experiment_and_give_the_same_curve(tmp_path):
     assert cli_main(["--config", "configs/al_digits3.yaml", *overrides]) == 0
     one, two = ((tmp_path / d / "curve.csv").read_text() for d in ("one", "two"))
     assert one == two and len(one.splitlines()) == 1 + 2 * 2  # header + 2 acquisitions x 2 cycles
+
+
+def test_mc_at_decoder_resolution_reaches_pool_scoring_and_only_then_enters_the_fingerprint(tiny_digits, tmp_path,
+                                                                                            monkeypatch):
+    import al.loop as loop_module
+
+    train, val = tiny_digits
+    flags = []
+    original = loop_module.pool_predictions
+    monkeypatch.setattr(loop_module, "pool_predictions",
+                        lambda *args: flags.append(args[4]) or original(*args))
+    config = tiny_loop_config(cycles=1, mc_at_decoder_resolution=True)
+    ActiveLearningLoop(config, "entropy", 0, train, val, tmp_path, progress=False).run()
+    assert flags and all(flags)
+    assert config.fingerprint("entropy", 0) != tiny_loop_config(cycles=1).fingerprint("entropy", 0)
+    # the default leaves earlier runs' fingerprints as they were (computed before the key existed)
+    assert tiny_loop_config(cycles=1).fingerprint("entropy", 0) == "5ae69f5cc9f34b84"
