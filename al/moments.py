@@ -2,18 +2,15 @@
 
 Every moment-based score (entropy, margin, BALD, mean-std, BalEnt) needs only sums over the K
 samples, so MC inference can fold each softmax into these sums instead of materialising
-``[K, N, C, *S]``. BalEnt's variance is a small difference of large sums, so the sums are
-*shifted*: they add up ``p_k - p_1`` (the first sample), whose squares are of the order of the
-variance itself, and then float32 keeps the variance to about 1e-7 relative. Unshifted float32
-sums of ``p_k^2`` would lose it where the variance is far below ``mean^2``; float64 sums
-took 1.7-1.9x as long per pass at one thread (2.9 vs 1.5 ms on the DigitScenes Unet's
-[32, 11, 64, 64], 49 vs 28 ms on DeepLabV3+'s [2, 19, 512, 512]).
+``[K, N, C, *S]``. The sums are float64: BalEnt's variance is a small difference of large sums,
+and where the Beta fit is ill-conditioned BalEnt amplifies its rounding by orders of magnitude. Float32
+sums shifted by the first sample were 1.7-1.9x cheaper per pass, but put BalEnt 2.6e-4 (relative)
+off the stack's value (float64 sums: 5e-11), so they were taken out again.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
@@ -25,26 +22,21 @@ _LOG_EPS = 1e-12
 class MCMoments:
     """Sums over K samples of class probabilities ``p_k`` of a batch ``[N, C, *S]``.
 
-    - ``shift``: the first sample ``p_1``, ``[N, C, *S]``;
-    - ``sum_shifted``, ``sum_shifted2``: ``sum_k (p_k - p_1)`` and ``sum_k (p_k - p_1)^2``;
-    - ``sum_entropy``: ``sum_k H[p_k]`` (nats), ``[N, *S]`` (BALD's expected entropy).
-
-    All in the samples' dtype; :meth:`mean` and :meth:`variance` return float64.
+    - ``sum_p``, ``sum_p2``: ``sum_k p_k`` and ``sum_k p_k^2``, float64 ``[N, C, *S]``;
+    - ``sum_entropy``: ``sum_k H[p_k]`` (nats), ``[N, *S]`` in the input's dtype (BALD's
+      expected entropy).
     """
 
     count: int
-    shift: Tensor
-    sum_shifted: Tensor
-    sum_shifted2: Tensor
+    sum_p: Tensor
+    sum_p2: Tensor
     sum_entropy: Tensor
 
     @classmethod
     def empty_like(cls, probs: Tensor) -> "MCMoments":
-        """No samples yet, for a stream of ``probs``-shaped ``[N, C, *S]`` samples; the first
-        :meth:`add` sets the shift."""
-        probs = probs.detach()
-        return cls(0, torch.empty_like(probs), torch.zeros_like(probs), torch.zeros_like(probs),
-                   probs.new_zeros((probs.shape[0],) + tuple(probs.shape[2:])))
+        """No samples yet, for a stream of ``probs``-shaped ``[N, C, *S]`` samples."""
+        zeros = torch.zeros(probs.shape, dtype=torch.float64, device=probs.device)
+        return cls(0, zeros, zeros.clone(), probs.new_zeros((probs.shape[0],) + tuple(probs.shape[2:])))
 
     @classmethod
     def of(cls, mc_probs: Tensor) -> "MCMoments":
@@ -56,36 +48,30 @@ class MCMoments:
 
     def add(self, probs: Tensor) -> None:
         """Fold one sample ``[N, C, *S]`` into the sums, in place."""
-        probs = probs.detach()
-        if self.count == 0:
-            self.shift.copy_(probs)  # its own deviation is 0: nothing to add to the shifted sums
-        else:
-            deviation = probs - self.shift
-            self.sum_shifted.add_(deviation)
-            self.sum_shifted2.addcmul_(deviation, deviation)
+        p = probs.detach().double()
+        self.sum_p.add_(p)
+        self.sum_p2.addcmul_(p, p)
         self.sum_entropy.sub_((probs * probs.clamp_min(_LOG_EPS).log()).sum(1))
         self.count += 1
 
     def map(self, fn) -> "MCMoments":
         """The statistics with ``fn`` applied to each map (``[N, C, *S]``; ``sum_entropy`` as
         ``[N, 1, *S]``). For a linear ``fn`` with non-negative weights summing to 1 (bilinear
-        upsampling) the result is the statistics of interpolated samples up to the shift's
-        interpolation, and its variance stays >= 0."""
-        return MCMoments(self.count, fn(self.shift), fn(self.sum_shifted), fn(self.sum_shifted2),
-                         fn(self.sum_entropy[:, None])[:, 0])
+        upsampling) the variance stays >= 0 (Jensen: the map of p^2 bounds the square of the map)."""
+        return MCMoments(self.count, fn(self.sum_p), fn(self.sum_p2), fn(self.sum_entropy[:, None])[:, 0])
 
     @property
     def shape(self) -> torch.Size:
         """``[K, N, C, *S]``: the shape of the stack these statistics summarise."""
-        return torch.Size((self.count,) + tuple(self.shift.shape))
+        return torch.Size((self.count,) + tuple(self.sum_p.shape))
 
     @property
     def device(self) -> torch.device:
-        return self.shift.device
+        return self.sum_p.device
 
     def mean(self) -> Tensor:
         """``mean_k p_k``, float64 ``[N, C, *S]``."""
-        return self.shift.double() + self.sum_shifted.double() / self.count
+        return self.sum_p / self.count
 
     def variance(self, correction: int = 1) -> Tensor:
         """``sum_k (p_k - mean)^2 / (K - correction)`` from the sums, float64 ``[N, C, *S]``;
@@ -93,6 +79,5 @@ class MCMoments:
         if self.count <= correction:
             raise ValueError(f"a variance with correction={correction} needs more than {correction} samples, "
                              f"got {self.count}")
-        shifted = self.sum_shifted.double()
-        centred = self.sum_shifted2.double() - shifted * shifted / self.count
+        centred = self.sum_p2 - self.sum_p * self.sum_p / self.count
         return (centred / (self.count - correction)).clamp_min_(0.0)
