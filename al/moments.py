@@ -3,9 +3,9 @@
 Every moment-based score (entropy, margin, BALD, mean-std, BalEnt) needs only sums over the K
 samples, so MC inference can fold each softmax into these sums instead of materialising
 ``[K, N, C, *S]``. The sums are float64: BalEnt's variance is a small difference of large sums,
-and where the Beta fit is ill-conditioned BalEnt amplifies its rounding by orders of magnitude. Float32
-sums shifted by the first sample were 1.7-1.9x cheaper per pass, but put BalEnt 2.6e-4 (relative)
-off the stack's value (float64 sums: 5e-11), so they were taken out again.
+and where the Beta fit is ill-conditioned BalEnt amplifies its rounding by orders of magnitude.
+Float32 sums shifted by the first sample were 1.7-1.9x cheaper per pass, but put BalEnt 2.6e-4
+(relative) off the stack's value (float64 sums: 5e-11), so they were taken out again.
 """
 
 from __future__ import annotations
