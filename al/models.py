@@ -149,11 +149,11 @@ class Segmenter(nn.Module):
         Shape: ``[N, D, h, w] -> [N, C, h, w]`` logits."""
         flat = features.flatten(2)  # [N, D, P]
         block = max(1, _HEAD_BLOCK_ELEMENTS // (flat.shape[0] * flat.shape[1]))
-        blocks = []
+        weight, blocks = self.classifier.weight.flatten(1), []  # [C, D]
         for start in range(0, flat.shape[2], block):
             part = flat[:, :, start:start + block]
             mask, keep_rate = dropout_keep_mask(part.shape, keep, generator, features.device)
-            blocks.append(torch.matmul(self.classifier.weight.flatten(1) / keep_rate, part * mask))
+            blocks.append(torch.matmul(weight / keep_rate, part * mask))
         logits = torch.cat(blocks, 2) if len(blocks) > 1 else blocks[0]  # [N, C, P]
         if self.classifier.bias is not None:
             logits.add_(self.classifier.bias[:, None])
