@@ -7,6 +7,12 @@ At each guided step t (SPEC section 4):
    at 1/n resolution, ``guidedgen.resolution``);
 4. move ``z_t`` along the normalised gradient of the objective (ascent); then the ordinary
    scheduler step, reusing the noise prediction of step 1 (one UNet forward per step).
+
+With a ``KnownRegion`` (instance-level augmentation, ``guidedgen.instances``) only part of a real
+image is regenerated: as diffusers' ``StableDiffusionControlNetInpaintPipeline`` does for a
+4-channel UNet, the image's noised latents replace the known part after every scheduler step; the
+objective reads the x0 estimate with the known latents filled in, against the mask of the
+regenerated part only, and the update moves only that part.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -52,6 +59,57 @@ class SamplerOutput:
     images: Tensor  # [N, 3, H, W] in [0, 1]
     latents: Tensor  # [N, 4, h, w] final latents
     traces: list[SampleTrace]
+
+
+@dataclass
+class KnownRegion:
+    """Inpainting: keep ``images`` outside ``regenerate`` (diffusers' ControlNet-inpaint pipeline with a
+    4-channel UNet). ``strength`` < 1 runs only the last share of the schedule, from the noised image.
+
+    Shape: ``images [N, 3, H, W]`` in [0, 1], ``regenerate [N, H, W]`` bool.
+    """
+
+    images: Tensor
+    regenerate: Tensor
+    strength: float = 1.0
+
+    def check(self, mask_shape: torch.Size) -> None:
+        n, height, width = mask_shape
+        if tuple(self.images.shape) != (n, 3, height, width) or tuple(self.regenerate.shape) != (n, height, width):
+            raise ValueError(f"known region: images {tuple(self.images.shape)} and regenerate {tuple(self.regenerate.shape)} "
+                             f"must be [{n}, 3, {height}, {width}] and [{n}, {height}, {width}] for masks {tuple(mask_shape)}")
+        if self.regenerate.dtype != torch.bool:
+            raise ValueError(f"known region: regenerate must be a bool mask, got {self.regenerate.dtype}")
+        if not 0.0 < self.strength <= 1.0:
+            raise ValueError(f"known region: strength={self.strength}; must be in (0, 1] (1 = from pure noise)")
+
+
+@dataclass
+class Denoising:
+    """The state of one batch's denoising loop (``GuidedControlNetSampler.prepare``)."""
+
+    embeddings: Tensor  # [2N or N, L, D] prompt embeddings (negatives first with CFG)
+    controls: list[Tensor]  # per ControlNet: [2N or N, 3, H, W]
+    timesteps: Tensor
+    latents: Tensor  # [N, 4, h, w], updated by each step
+    objective_masks: Tensor  # [N, H, W]: the masks, ignore outside a known region's regenerated part
+    noise: Tensor  # [N, 4, h, w] initial noise
+    image_latents: Optional[Tensor] = None  # [N, 4, h, w] of a known region's images
+    region: Optional[Tensor] = None  # [N, 1, h, w] 1 where generated, 0 where known
+    traces: list[SampleTrace] = field(default_factory=list)
+
+    def fill_known(self, x0: Tensor) -> Tensor:
+        """The x0 estimate with the known latents outside the regenerated part (what the loop will keep)."""
+        return x0 if self.region is None else (1 - self.region) * self.image_latents + self.region * x0
+
+
+@dataclass
+class GuidanceStep:
+    output: Tensor  # [N, 4, h, w] model output (CFG applied)
+    gradient: Tensor  # [N, 4, h, w] of the objective w.r.t. the latents (zeroed where not finite or known)
+    value: Tensor  # [N] objective
+    update: Tensor  # [N, 4, h, w] added to the latents
+    finite: Tensor  # [N] bool
 
 
 def predicted_x0(model_output: Tensor, model_input: Tensor, alpha_bar: Tensor, prediction_type: str) -> Tensor:
@@ -211,32 +269,48 @@ class GuidedControlNetSampler:
         factor = self.decode_downsample
         return self.objective(self.decode(downsample_latents(x0, factor)), downsample_masks(masks, factor))
 
-    def _guidance_gradient(self, latents, t, embeddings, controls, masks):
+    def _guidance_gradient(self, run: "Denoising", latents: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(model output, gradient w.r.t. latents, objective values) at one guided step."""
         if self.gradient_path == "through_unet":
             with torch.enable_grad():
                 z = latents.detach().requires_grad_(True)
-                output = self.predict_noise(z, t, embeddings, controls)
-                value = self.guided_objective(self.x0_estimate(z, output, t), masks)
+                output = self.predict_noise(z, t, run.embeddings, run.controls)
+                value = self.guided_objective(run.fill_known(self.x0_estimate(z, output, t)), run.objective_masks)
                 (gradient,) = torch.autograd.grad(value.sum(), z)
             return output.detach(), gradient, value.detach()
         with torch.no_grad():
-            output = self.predict_noise(latents, t, embeddings, controls)
+            output = self.predict_noise(latents, t, run.embeddings, run.controls)
             x0 = self.x0_estimate(latents, output, t)
         with torch.enable_grad():
             x0 = x0.detach().requires_grad_(True)
-            value = self.guided_objective(x0, masks)
+            value = self.guided_objective(run.fill_known(x0), run.objective_masks)
             (gradient,) = torch.autograd.grad(value.sum(), x0)
         return output, gradient, value.detach()
 
+    def guidance_step(self, run: "Denoising", i: int) -> GuidanceStep:
+        """Guidance at step ``i`` of ``run``: the model output, the objective's gradient and the latent
+        update (zero outside a known region's regenerated part, and for a non-finite gradient)."""
+        t = run.timesteps[i]
+        output, gradient, value = self._guidance_gradient(run, run.latents, t)
+        finite = torch.isfinite(gradient.flatten(1)).all(1).view(-1, 1, 1, 1)
+        gradient = torch.where(finite, gradient, 0)
+        if run.region is not None:  # only the regenerated part moves (and sets the normalisation)
+            gradient = gradient * run.region
+        noise_level = float((1 - self.components.scheduler.alphas_cumprod[int(t)]).sqrt())
+        update = self.schedule.update(gradient, i, len(run.timesteps), noise_level).to(run.latents.dtype) * finite
+        return GuidanceStep(output, gradient, value, update, finite.flatten())
+
     # -- the loop ------------------------------------------------------------------------------
-    def __call__(self, masks: Tensor, prompts: Sequence[str], seeds: Sequence[int],
-                 extra_controls: Sequence[Tensor] = ()) -> SamplerOutput:
+    def prepare(self, masks: Tensor, prompts: Sequence[str], seeds: Sequence[int], extra_controls: Sequence[Tensor] = (),
+                known: Optional[KnownRegion] = None) -> Denoising:
+        """Everything the denoising loop needs, up to the initial latents (steps 1-4 of ``__call__``)."""
         # 1. Check inputs
         self._check(masks, prompts, seeds)
         if len(extra_controls) != len(self.components.controlnets) - 1:
             raise ValueError(f"{len(self.components.controlnets)} ControlNets need {len(self.components.controlnets) - 1} "
                              f"extra control images besides the mask, got {len(extra_controls)}")
+        if known is not None:
+            known.check(masks.shape)
         masks = masks.to(self.device)
         n, height, width = masks.shape
         # 2. Encode prompts
@@ -250,39 +324,82 @@ class GuidedControlNetSampler:
         # contiguous NCHW, as diffusers' image processor hands them over: on a channels-last view (the
         # palette's permute) the convolutions take other kernels and round differently
         controls = [c.to(self.dtype, memory_format=torch.contiguous_format) for c in controls]
-        # 4. Initial latents: one generator per sample, so a sample does not depend on its batch
+        # 4. Timesteps; with a known region, the last ``strength`` of the schedule (diffusers' get_timesteps)
         scheduler = self.components.scheduler
         scheduler.set_timesteps(self.num_inference_steps, device=self.device)
-        shape = (4, height // self.vae_factor, width // self.vae_factor)
-        latents = torch.stack([
-            torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(seed)), dtype=torch.float32)
-            for seed in seeds
-        ]).to(self.device, self.dtype) * scheduler.init_noise_sigma
-        traces = [SampleTrace() for _ in range(n)]
-        guided = self.objective is not None and self.schedule.strength > 0
-        # 5. Denoising loop
         timesteps = scheduler.timesteps
-        for i, t in enumerate(tqdm(timesteps, desc="denoise", disable=not self.progress, leave=False)):
-            if guided and self.schedule.is_guided(i, len(timesteps)):
-                output, gradient, value = self._guidance_gradient(latents, t, embeddings, controls, masks)
-                finite = torch.isfinite(gradient.flatten(1)).all(1)
-                noise_level = float((1 - scheduler.alphas_cumprod[int(t)]).sqrt())
-                update = self.schedule.update(torch.where(finite.view(-1, 1, 1, 1), gradient, 0), i, len(timesteps),
-                                              noise_level)
-                latents = latents + update.to(latents.dtype) * finite.view(-1, 1, 1, 1)
-                for j, trace in enumerate(traces):
-                    trace.steps.append(i)
-                    trace.objective.append(float(value[j]))
-                    trace.gradient_norm.append(float(gradient[j].norm()) if finite[j] else float("nan"))
-                    if not finite[j]:
-                        message = f"step {i}: non-finite gradient, update skipped"
-                        trace.warnings.append(message)
-                        warnings.warn(f"sample {j}: {message}")
-            else:
-                with torch.no_grad():
-                    output = self.predict_noise(latents, t, embeddings, controls)
-            latents = scheduler.step(output, t, latents, return_dict=False)[0]
-        # 6. Decode
+        if known is not None:
+            skipped = self.num_inference_steps - min(int(self.num_inference_steps * known.strength), self.num_inference_steps)
+            timesteps = timesteps[skipped * scheduler.order:]
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(skipped * scheduler.order)
+        # 5. Initial latents: one generator per sample, so a sample does not depend on its batch. With a
+        # known region the generator first samples the image's latent (as the inpainting pipeline does)
+        shape = (4, height // self.vae_factor, width // self.vae_factor)
+        generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
+        image_latents = region = None
+        if known is not None:
+            image_latents = self.encode(known.images.to(self.device), generators)
+        noise = torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators]).to(self.device,
+                                                                                                          self.dtype)
+        if known is None or known.strength == 1.0:
+            latents = noise * scheduler.init_noise_sigma
+        else:
+            latents = scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(n))
+        objective_masks = masks
+        if known is not None:
+            regenerate = known.regenerate.to(self.device)
+            # binarised, then nearest to the latent grid, as the pipeline's mask processor does
+            region = F.interpolate(regenerate[:, None].float(), size=shape[1:]).to(self.dtype)
+            objective_masks = torch.where(regenerate, masks, torch.full_like(masks, self.palette.ignore_index))
+        return Denoising(embeddings, controls, timesteps, latents, objective_masks, noise, image_latents, region,
+                         [SampleTrace() for _ in range(n)])
+
+    def encode(self, images: Tensor, generators: Sequence[torch.Generator]) -> Tensor:
+        """Images ``[N, 3, H, W]`` in [0, 1] -> scaled latents, one posterior sample per image from its
+        generator (diffusers' ``_encode_vae_image``)."""
+        vae = self.components.vae
         with torch.no_grad():
-            images = self.decode(latents)
-        return SamplerOutput(images=images, latents=latents, traces=traces)
+            latents = torch.cat([vae.encode(image[None].to(vae.dtype) * 2 - 1).latent_dist.sample(generator)
+                                 for image, generator in zip(images, generators)])
+        return vae.config.scaling_factor * latents.to(self.dtype)
+
+    def denoise_step(self, run: Denoising, i: int) -> None:
+        """Step ``i`` of ``run`` in place: guidance (if scheduled), the scheduler step, and with a known
+        region its noised image latents outside the regenerated part."""
+        scheduler, t = self.components.scheduler, run.timesteps[i]
+        if self.guided and self.schedule.is_guided(i, len(run.timesteps)):
+            step = self.guidance_step(run, i)
+            output = step.output
+            run.latents = run.latents + step.update
+            for j, trace in enumerate(run.traces):
+                trace.steps.append(i)
+                trace.objective.append(float(step.value[j]))
+                trace.gradient_norm.append(float(step.gradient[j].norm()) if step.finite[j] else float("nan"))
+                if not step.finite[j]:
+                    message = f"step {i}: non-finite gradient, update skipped"
+                    trace.warnings.append(message)
+                    warnings.warn(f"sample {j}: {message}")
+        else:
+            with torch.no_grad():
+                output = self.predict_noise(run.latents, t, run.embeddings, run.controls)
+        run.latents = scheduler.step(output, t, run.latents, return_dict=False)[0]
+        if run.region is not None:  # the pipeline's 4-channel-UNet blending: no re-noise after the last step
+            proper = run.image_latents
+            if i < len(run.timesteps) - 1:
+                proper = scheduler.add_noise(proper, run.noise, torch.tensor([run.timesteps[i + 1]]))
+            run.latents = (1 - run.region) * proper + run.region * run.latents
+
+    @property
+    def guided(self) -> bool:
+        return self.objective is not None and self.schedule.strength > 0
+
+    def __call__(self, masks: Tensor, prompts: Sequence[str], seeds: Sequence[int],
+                 extra_controls: Sequence[Tensor] = (), known: Optional[KnownRegion] = None) -> SamplerOutput:
+        """``masks [N, H, W]`` class ids; with ``known``, only its ``regenerate`` pixels are generated."""
+        run = self.prepare(masks, prompts, seeds, extra_controls, known)
+        for i in tqdm(range(len(run.timesteps)), desc="denoise", disable=not self.progress, leave=False):
+            self.denoise_step(run, i)
+        with torch.no_grad():
+            images = self.decode(run.latents)
+        return SamplerOutput(images=images, latents=run.latents, traces=run.traces)

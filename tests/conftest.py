@@ -1,5 +1,11 @@
 """Shared fixtures: tiny seeded datasets and models, built in code (no files, no network)."""
 
+import os
+
+# Before torch loads OpenMP (``make test`` sets it too): waiting threads sleep instead of spinning,
+# so a busy machine slows the suite rather than multiplying its CPU time. Subprocesses inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import numpy as np
 import pytest
 import torch
