@@ -18,7 +18,7 @@ from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from al.config import require
-from al.data.base import SegmentationDataset, read_index_mask
+from al.data.base import DatasetError, SegmentationDataset, read_index_mask
 from al.data.folder import load_folder, read_metadata
 from al.experiment import DATA_KINDS, DataConfig
 from al.models import Segmenter, load_model
@@ -33,6 +33,7 @@ from guidedgen.components import (
 )
 from guidedgen.controls import CONTROL_DETECTORS
 from guidedgen.guidance import OBJECTIVES, build_objective
+from guidedgen.instances import Instance, InstanceConfig, find_instances, instance_mask, make_crop, paste
 from guidedgen.palette import (
     DEFAULT_NEGATIVE_PROMPT,
     DEFAULT_PROMPT_TEMPLATE,
@@ -41,7 +42,7 @@ from guidedgen.palette import (
     prompt_for,
 )
 from guidedgen.quality import assess
-from guidedgen.sampler import GRADIENT_PATHS, GuidedControlNetSampler
+from guidedgen.sampler import GRADIENT_PATHS, GuidedControlNetSampler, KnownRegion, SamplerOutput
 from guidedgen.schedule import NORMALISATIONS, GuidanceSchedule
 from guidedgen.sheet import contact_sheet
 from guidedgen.writer import GenerationWriter, sample_seed, shard
@@ -96,6 +97,10 @@ class GenerateConfig:
     components: ComponentsConfig = field(default_factory=ComponentsConfig)
     masks: DataConfig = field(default_factory=DataConfig)
     masks_split: str = "train"
+    # Instance mode (guidedgen.instances): each sample is a real image with one of its instances
+    # regenerated; sample i is instance i mod (number of instances), variant i // (that number).
+    # null: whole images generated from the masks (sample i from mask i mod the number of masks)
+    instances: Optional[InstanceConfig] = None
     # controls for ControlNets after the seg one, computed from the image behind each mask
     extra_controls: list[str] = field(default_factory=list)
     palette: PaletteConfig = field(default_factory=PaletteConfig)
@@ -136,6 +141,10 @@ class GenerateConfig:
         require(self.components.mixed_precision in TORCH_DTYPES, "components.mixed_precision",
                 self.components.mixed_precision, f"one of {sorted(TORCH_DTYPES)}")
         require(self.masks.kind in DATA_KINDS, "masks.kind", self.masks.kind, f"one of {list(DATA_KINDS)}")
+        if self.instances is not None:
+            self.instances.validate()
+            require(self.masks.kind != "masks", "instances", "set", "null with masks.kind=masks: instance mode "
+                    "regenerates objects inside the images behind the masks")
         for name in self.extra_controls:
             require(name in CONTROL_DETECTORS, "extra_controls", name, f"one of {sorted(CONTROL_DETECTORS)}")
         require(not (self.extra_controls and self.masks.kind == "masks"), "extra_controls", self.extra_controls,
@@ -223,6 +232,7 @@ def run_generation(config: GenerateConfig, state: Optional[PartialState] = None)
     device = state.device
     masks_dataset: SegmentationDataset = config.masks.build(config.masks_split)
     classes, ignore_index = list(masks_dataset.classes), masks_dataset.ignore_index
+    units = instance_units(config, masks_dataset)  # before anything is written: an empty selection is an error
     palette = build_palette(config.palette, classes, ignore_index)
     versions = {"torch": torch.__version__, "diffusers": diffusers.__version__}
     with state.main_process_first():  # only the main process may clear an overwritten folder
@@ -235,12 +245,20 @@ def run_generation(config: GenerateConfig, state: Optional[PartialState] = None)
     sampler = build_sampler(config, build_components(config, device), palette, segmenters, ignore_index)
     batches = [mine[i:i + config.batch_size] for i in range(0, len(mine), config.batch_size)]
     for batch in tqdm(batches, desc=f"generate (process {state.process_index})", disable=not config.progress):
-        sources = [masks_dataset[i % len(masks_dataset)] for i in batch]
-        masks = torch.stack([s.mask for s in sources])
-        prompts = [prompt_for(m, classes, config.prompt_template) for m in masks]
         seeds = [sample_seed(config.seed, i) for i in batch]
-        output = sampler(masks.to(device), prompts, seeds, extra_controls(config, [s.image for s in sources]))
-        images = output.images
+        if units is None:
+            sources = [masks_dataset[i % len(masks_dataset)] for i in batch]
+            masks = torch.stack([s.mask for s in sources])
+            prompts = [prompt_for(m, classes, config.prompt_template) for m in masks]
+            output = sampler(masks.to(device), prompts, seeds, extra_controls(config, [s.image for s in sources]))
+            images, placed = output.images, [{} for _ in batch]
+        else:
+            chosen = [units[i % len(units)] for i in batch]
+            sources = [masks_dataset[u.source_index] for u in chosen]
+            masks = torch.stack([s.mask for s in sources])  # the real masks label the augmented images
+            images, prompts, output, placed = regenerate_instances(config, sampler, sources, chosen, seeds, classes, device)
+            for j, index in enumerate(batch):
+                placed[j]["variant"] = index // len(units)
         if quality_model is not None:
             qualities, disagree = assess(quality_model, images, masks.to(device), ignore_index, config.min_image_std)
         else:
@@ -253,6 +271,7 @@ def run_generation(config: GenerateConfig, state: Optional[PartialState] = None)
                 "models": _model_names(config), "objective": config.guidance.objective,
                 "strength": config.guidance.strength, "trace": output.traces[j].summary(),
                 "quality": dataclasses.asdict(quality) if quality else None,
+                **({"instance": placed[j]} if units is not None else {}),
             }
             image = (images[j].permute(1, 2, 0).float().cpu().numpy() * 255 + 0.5).astype(np.uint8)
             if config.drop_degenerate and float(images[j].float().std()) < config.min_image_std:
@@ -262,6 +281,39 @@ def run_generation(config: GenerateConfig, state: Optional[PartialState] = None)
             writer.write(index, image, masks[j].numpy().astype(np.uint8), ignore, metadata)
     state.wait_for_everyone()
     return Path(config.output_dir)
+
+
+def instance_units(config: GenerateConfig, dataset: SegmentationDataset) -> Optional[list[Instance]]:
+    """The instances of instance mode (None in whole-image mode); an error when there are none."""
+    if config.instances is None:
+        return None
+    units = find_instances(dataset, config.instances, config.seed)
+    if not units:
+        names = [dataset.classes[i] for i in config.instances.class_ids(list(dataset.classes))]
+        where = config.masks.kind + (f" at {config.masks.root}" if config.masks.root else "")
+        raise DatasetError(f"masks ({where}, split {config.masks_split!r}): no instance of the classes {names} has "
+                           f"instances.min_area={config.instances.min_area} pixels; lower it or choose other classes")
+    return units
+
+
+def regenerate_instances(config: GenerateConfig, sampler: GuidedControlNetSampler, sources: list, chosen: list[Instance],
+                         seeds: list[int], classes: list[str], device: torch.device
+                         ) -> tuple[torch.Tensor, list[str], SamplerOutput, list[dict]]:
+    """One batch of instance mode: the real images with the chosen instances regenerated (in [0, 1],
+    float32 on ``device``), the crops' prompts, the sampler's output on the crops, and where each was placed."""
+    settings = config.instances
+    class_ids = settings.class_ids(classes)
+    pixels = [instance_mask(s.mask.numpy(), u, settings, class_ids) for s, u in zip(sources, chosen)]
+    crops = [make_crop(s.image, s.mask, p, settings) for s, p in zip(sources, pixels)]
+    masks = torch.stack([c.mask for c in crops])
+    prompts = [prompt_for(m, classes, config.prompt_template) for m in masks]
+    known = KnownRegion(torch.stack([c.image for c in crops]).to(device), torch.stack([c.regenerate for c in crops]),
+                        settings.strength)
+    output = sampler(masks.to(device), prompts, seeds, extra_controls(config, [c.image for c in crops]), known=known)
+    images = torch.stack([paste(s.image, generated.float().cpu(), p, c.box, settings)
+                          for s, generated, p, c in zip(sources, output.images, pixels, crops)]).to(device)
+    placed = [{"rank": u.rank, "class": classes[u.class_id], "area": u.area, "box": list(c.box)} for u, c in zip(chosen, crops)]
+    return images, prompts, output, placed
 
 
 def write_contact_sheet(config: GenerateConfig, path: Path) -> Optional[Path]:

@@ -8,8 +8,10 @@ a killed run resumes::
     <output_dir>/seed_<s>/segmenter_0_early/      stage 1: segmenter 0's recipe stopped early
                                                   (only for a "committee: snapshots" variant)
     <output_dir>/seed_<s>/generated/<condition>/  stage 2: synthetic pairs (resumable writer)
-    <output_dir>/seed_<s>/retrained/<condition>/  stage 3+4: real + synthetic, then val mIoU
-    <output_dir>/seed_<s>/retrained/<condition>_filtered/  the same with label_filter
+    <output_dir>/shared/generated/<condition>/    stage 2 of an unguided condition with share_unguided:
+                                                  nothing seed-specific enters it, so all seeds train on it
+    <output_dir>/seed_<s>/retrained/<condition>[_filtered][_finetune]/  stage 3+4: real + the kept
+                                                  synthetic pairs (label-filtered; the recipe), val mIoU
     <output_dir>/results.csv, summary.md, miou.png, stages.csv,
                  sets.png (the first seed's sets side by side, same masks)
 """
@@ -20,6 +22,7 @@ import csv
 import dataclasses
 import io
 import json
+import math
 import resource
 import time
 from dataclasses import dataclass, field
@@ -32,7 +35,7 @@ from matplotlib.figure import Figure
 
 from al.config import require
 from al.data.base import SegmentationDataset
-from al.data.folder import atomic_write_bytes, load_folder
+from al.data.folder import atomic_write_bytes, load_folder, read_metadata
 from al.experiment import DataConfig
 from al.loop import ModelConfig
 from al.metrics import confusion_matrix, iou_per_class
@@ -47,6 +50,7 @@ from al.train import (
 )
 from guidedgen.generate import GenerateConfig, GuidanceConfig, run_generation
 from guidedgen.guidance import OBJECTIVES, build_objective
+from guidedgen.instances import InstanceConfig, find_instances
 from guidedgen.quality import load_judge
 from guidedgen.sheet import sets_sheet
 
@@ -54,6 +58,10 @@ UNGUIDED = "unguided"
 REAL_ONLY = "real only"
 REAL_PLUS = "real + "  # the condition of a retrained row: REAL_PLUS + set name
 FILTERED = " filtered"  # set name suffix of a label-filtered set
+MODES = ("whole", "instance")  # whole images from the masks, or one instance regenerated in a real image
+RECIPES = ("joint", "finetune")  # real + synthetic mixed in every batch, or synthetic first then real
+FIRST = "first"  # the selection that keeps the first k variants of a unit (no ranking)
+CONDITION_KEYS = ("committee", "mode", "select")  # variant keys besides generation.guidance's
 SHEET_SAMPLES = 8  # pairs per set in sets.png
 
 
@@ -67,9 +75,12 @@ class PipelineConfig:
     committee_size: int = 3  # segmenters trained in stage 1; the first guides, all form the committee
     # "unguided", an objective of guidedgen.guidance.OBJECTIVES (at generation.guidance), or a variant
     conditions: list[str] = field(default_factory=lambda: [UNGUIDED, "entropy", "committee", "expected_model_change"])
-    # Named guided conditions: the generation.guidance keys that differ, objective included, e.g.
-    # {entropy_late: {objective: entropy, start: 0.5, end: 1.0}}; "committee: snapshots" makes the
-    # committee segmenter 0 and its recipe stopped after snapshot_epochs (default: seeded members).
+    # Named conditions: the generation.guidance keys that differ, objective included, e.g.
+    # {entropy_late: {objective: entropy, start: 0.5, end: 1.0}} (no objective: unguided), and
+    # "committee: snapshots" (the committee is segmenter 0 and its recipe stopped after
+    # snapshot_epochs; default: seeded members), "mode: instance" (instance-level augmentation with
+    # the instances settings; default: whole), "select: <objective> | first" (how the kept variants
+    # of a unit are chosen; default: the condition's objective, first k when unguided).
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     snapshot_epochs: int = 10
     # An independent judge (guidedgen.quality.load_judge): each set's mask fidelity is reported and,
@@ -77,9 +88,19 @@ class PipelineConfig:
     # another class than the mask's ignored (condition "<name> filtered").
     judge: Optional[str] = None
     label_filter: bool = False
-    num_synthetic: int = 100
+    # A unit is a real mask (whole mode) or an instance (instance mode): variants_per_unit are
+    # generated per unit and keep_per_unit of them are kept, the top ones by the condition's
+    # objective under the stage-1 segmenters (Figure 1's "generate many, keep the informative").
+    variants_per_unit: int = 1
+    keep_per_unit: int = 1
+    instances: InstanceConfig = field(default_factory=InstanceConfig)  # for conditions in instance mode
+    share_unguided: bool = False  # unguided sets generated once (seed 0's draws) and trained on by every seed
     synthetic_share: float = 0.5
     synthetic_loss_weight: float = 1.0
+    # Each set is retrained with every recipe: "joint" (synthetic_share of each batch synthetic) or
+    # "finetune" (synthetic alone, then real alone). Both take as many optimizer steps as real only,
+    # split synthetic_share : 1 - synthetic_share, so synthetic data is not credited with extra training.
+    recipes: list[str] = field(default_factory=lambda: ["joint"])
     generation: GenerateConfig = field(default_factory=GenerateConfig)  # models, steps, guidance strength...
     progress: bool = True
 
@@ -90,29 +111,50 @@ class PipelineConfig:
         keys = {f.name for f in dataclasses.fields(GuidanceConfig)} - {"segmenters"}
         for name, changes in self.variants.items():
             require(name != UNGUIDED and name not in OBJECTIVES, "variants", name, "a name that is not an objective or 'unguided'")
-            require(changes.get("objective") in OBJECTIVES, f"variants.{name}.objective", changes.get("objective"),
-                    f"one of {sorted(OBJECTIVES)}")
+            require(changes.get("objective") in (None, *OBJECTIVES), f"variants.{name}.objective", changes.get("objective"),
+                    f"null (unguided) or one of {sorted(OBJECTIVES)}")
             require(changes.get("committee", "seeds") in ("seeds", "snapshots"), f"variants.{name}.committee",
                     changes.get("committee"), "'seeds' or 'snapshots'")
-            for key in set(changes) - keys - {"committee"}:
-                require(False, f"variants.{name}", key, f"keys of generation.guidance {sorted(keys)} or 'committee'")
+            require(changes.get("mode", MODES[0]) in MODES, f"variants.{name}.mode", changes.get("mode"), f"one of {MODES}")
+            require(changes.get("select", FIRST) in (FIRST, *OBJECTIVES), f"variants.{name}.select", changes.get("select"),
+                    f"{FIRST!r} or one of {sorted(OBJECTIVES)}")
+            for key in set(changes) - keys - set(CONDITION_KEYS):
+                require(False, f"variants.{name}", key, f"keys of generation.guidance {sorted(keys)} or one of {CONDITION_KEYS}")
         require(self.committee_size >= (2 if self._objectives_seen("committee") else 1), "committee_size",
-                self.committee_size, "an integer >= 2 when 'committee' is a condition (>= 1 otherwise)")
+                self.committee_size, "an integer >= 2 when 'committee' is a condition or a selection (>= 1 otherwise)")
         require(self.judge is not None or not self.label_filter, "judge", self.judge, "a judge folder when label_filter is on")
         require(0.0 < self.synthetic_share < 1.0, "synthetic_share", self.synthetic_share, "a number in (0, 1)")
-        require(self.num_synthetic >= 1, "num_synthetic", self.num_synthetic, "an integer >= 1")
-        require(self.generation.guidance.strength > 0 or self.conditions == [UNGUIDED], "generation.guidance.strength",
-                self.generation.guidance.strength, "a number > 0 (the strength of the guided conditions)")
+        require(self.variants_per_unit >= 1, "variants_per_unit", self.variants_per_unit, "an integer >= 1")
+        require(1 <= self.keep_per_unit <= self.variants_per_unit, "keep_per_unit", self.keep_per_unit,
+                f"an integer in [1, variants_per_unit={self.variants_per_unit}]")
+        for recipe in self.recipes:
+            require(recipe in RECIPES, "recipes", recipe, f"one of {RECIPES}")
+        if any(self.condition(c).mode == "instance" for c in self.conditions):
+            self.instances.validate()
+        require(self.generation.guidance.strength > 0 or all(self.condition(c).guidance is None for c in self.conditions),
+                "generation.guidance.strength", self.generation.guidance.strength,
+                "a number > 0 (the strength of the guided conditions)")
 
     def _objectives_seen(self, objective: str) -> bool:
-        return any(c == objective or self.variants.get(c, {}).get("objective") == objective
-                   and self.variants[c].get("committee", "seeds") == "seeds" for c in self.conditions)
+        """Whether a condition guides by, or selects by, ``objective`` with a committee of seeds."""
+        return any(objective in ((c.guidance.objective if c.guidance else None), c.select) and c.committee == "seeds"
+                   for c in map(self.condition, self.conditions))
 
-    def guidance(self, condition: str) -> tuple[GuidanceConfig, str]:
-        """The guidance of a guided condition and where its committee comes from."""
-        changes = dict(self.variants.get(condition, {"objective": condition}))
-        committee = changes.pop("committee", "seeds")
-        return dataclasses.replace(self.generation.guidance, **changes), committee
+    def condition(self, name: str) -> "Condition":
+        changes = dict(self.variants.get(name, {} if name == UNGUIDED else {"objective": name}))
+        extra = {key: changes.pop(key) for key in CONDITION_KEYS if key in changes}
+        objective = changes.get("objective")
+        guidance = None if objective is None else dataclasses.replace(self.generation.guidance, **changes)
+        return Condition(guidance, extra.get("committee", "seeds"), extra.get("mode", MODES[0]),
+                         extra.get("select", objective or FIRST))
+
+
+@dataclass
+class Condition:
+    guidance: Optional[GuidanceConfig]  # None: unguided
+    committee: str  # "seeds" or "snapshots"
+    mode: str  # one of MODES
+    select: str  # FIRST or the objective that ranks a unit's variants
 
 
 class StageLog:
@@ -140,56 +182,100 @@ class StageLog:
         return result
 
 
-def _train(config: PipelineConfig, sources: list[TrainingSource], folder: Path, seed: int, num_classes: int, val_set,
-           epochs: int) -> dict:
-    """Train (or reuse) one segmenter in ``folder``; returns its record with the val mIoU."""
+Phase = tuple[list[TrainingSource], int]  # the sources of one training phase and its epochs
+
+
+def _train(config: PipelineConfig, phases: list[Phase], folder: Path, seed: int, num_classes: int, val_set) -> dict:
+    """Train (or reuse) one segmenter in ``folder``, phase after phase (each with its own LR
+    schedule); returns its record with the val mIoU."""
     record_path = folder / "training.json"
     if record_path.exists():
         return json.loads(record_path.read_text())
     torch.manual_seed(seed)
     model = config.model.build(num_classes)
-    train_config = dataclasses.replace(config.train, seed=seed, epochs=epochs)
-    losses = train_segmenter(model, sources, train_config, progress=config.progress).losses
+    losses = []
+    for sources, epochs in phases:
+        train_config = dataclasses.replace(config.train, seed=seed, epochs=epochs)
+        losses += train_segmenter(model, sources, train_config, progress=config.progress).losses
     record = {"seed": seed, "val_miou": evaluate(model, val_set).miou, "losses": losses,
-              "sources": [{"name": s.name, "items": len(s.dataset), "share": s.share} for s in sources]}
+              "phases": [{"epochs": epochs, "sources": [{"name": s.name, "items": len(s.dataset), "share": s.share}
+                                                        for s in sources]} for sources, epochs in phases]}
     model.save_pretrained(folder)
     atomic_write_bytes(record_path, json.dumps(record, indent=2).encode())  # last: marks the stage done
     return record
 
 
-def generation_config(config: PipelineConfig, condition: str, segmenters: list[Path], folder: Path, seed: int) -> GenerateConfig:
+def retraining_phases(config: PipelineConfig, recipe: str, real: TrainingSource, synthetic: list[dict]) -> list[Phase]:
+    """The phases of a retraining with ``recipe``, with as many optimizer steps as real only (its
+    ``train.epochs`` over the real set) split ``synthetic_share : 1 - synthetic_share`` (with
+    "finetune", to within half an epoch of the synthetic set)."""
+    share = config.synthetic_share
+    real_epochs = max(1, round(config.train.epochs * (1.0 - share)))
+    if recipe == "joint":  # a mixed epoch shows len(real) / (1 - share) items
+        return [([dataclasses.replace(real, share=1.0 - share),
+                  TrainingSource(synthetic, share, config.synthetic_loss_weight, "synthetic")], real_epochs)]
+    batches = lambda items: math.ceil(len(items) / config.train.batch_size)  # noqa: E731 - steps per epoch
+    synthetic_epochs = max(1, round(config.train.epochs * share * batches(real.dataset) / batches(synthetic)))
+    return [([TrainingSource(synthetic, 1.0, config.synthetic_loss_weight, "synthetic")], synthetic_epochs),
+            ([real], real_epochs)]
+
+
+def units(config: PipelineConfig, mode: str, train_set: SegmentationDataset, seed: int) -> int:
+    """How many units a condition in ``mode`` generates variants for: the real masks, or their instances."""
+    return len(train_set) if mode == "whole" else len(find_instances(train_set, config.instances, seed))
+
+
+def generation_config(config: PipelineConfig, condition: str, segmenters: list[Path], folder: Path, seed: int,
+                      num_units: int) -> GenerateConfig:
     """``segmenters``: the seeded committee (segmenter 0 first), then segmenter 0 stopped early."""
-    if condition == UNGUIDED:
+    settings = config.condition(condition)
+    if settings.guidance is None:
         guidance = dataclasses.replace(config.generation.guidance, objective=None, strength=0.0,
                                        segmenters=[str(segmenters[0])])
     else:
-        guidance, committee = config.guidance(condition)
-        seeded = segmenters[:config.committee_size]
-        chosen = seeded[:1] if guidance.objective != "committee" else (seeded if committee == "seeds" else
-                                                                         [segmenters[0], segmenters[-1]])
+        guidance = settings.guidance
+        chosen = committee_of(config, guidance.objective, settings.committee, segmenters)
         guidance = dataclasses.replace(guidance, segmenters=[str(p) for p in chosen])
-    return dataclasses.replace(config.generation, output_dir=str(folder), num_samples=config.num_synthetic, seed=seed,
-                               masks=config.data, masks_split=config.data.train_split, guidance=guidance,
+    return dataclasses.replace(config.generation, output_dir=str(folder), num_samples=num_units * config.variants_per_unit,
+                               seed=seed, masks=config.data, masks_split=config.data.train_split, guidance=guidance,
+                               instances=config.instances if settings.mode == "instance" else None,
                                quality_segmenter=str(segmenters[0]), progress=config.progress)
 
 
+def committee_of(config: PipelineConfig, objective: str, committee: str, segmenters: list[Path]) -> list[Path]:
+    """The stage-1 segmenters ``objective`` reads: segmenter 0 alone, or the committee."""
+    seeded = segmenters[:config.committee_size]
+    if objective != "committee":
+        return seeded[:1]
+    return seeded if committee == "seeds" else [segmenters[0], segmenters[-1]]
+
+
 @torch.no_grad()
-def objective_values(folder: Path, segmenters: list[Path], ignore_index: int) -> dict[str, float]:
-    """Mean of each objective over a generated set, under the stage-1 segmenters."""
-    dataset = load_folder(folder)
-    if len(dataset) == 0:
-        return {}
-    models = [Segmenter.from_pretrained(p).eval() for p in segmenters]
-    images, masks = stacked(dataset)
-    values = {}
-    for name in ("entropy", "committee", "expected_model_change"):
-        if name == "committee" and len(models) < 2:
-            continue
-        objective = build_objective(name, models if name == "committee" else models[:1], ignore_index)
-        with torch.enable_grad():  # some objectives differentiate internally; values only are kept
-            values[name] = float(torch.cat([objective(images[i:i + 32], masks[i:i + 32]).detach()
-                                            for i in range(0, len(images), 32)]).mean())
-    return values
+def objective_scores(images: torch.Tensor, masks: torch.Tensor, name: str, models: list[Segmenter],
+                     ignore_index: int) -> torch.Tensor:
+    """``[N]`` values of objective ``name`` (higher = harder for ``models``) on a stack of pairs."""
+    objective = build_objective(name, models, ignore_index)
+    with torch.enable_grad():  # some objectives differentiate internally; values only are kept
+        return torch.cat([objective(images[i:i + 32], masks[i:i + 32]).detach() for i in range(0, len(images), 32)])
+
+
+def kept_variants(unit_keys: list, variants: list[int], scores: Optional[torch.Tensor], keep: int) -> list[int]:
+    """Positions of the ``keep`` variants kept per unit: the highest ``scores`` (ties: lower
+    variant), or the ``keep`` lowest variant numbers without scores; unit by unit, in the order the
+    units first appear, each unit's best first."""
+    by_unit: dict = {}
+    for position, key in enumerate(unit_keys):
+        by_unit.setdefault(key, []).append(position)
+    kept = []
+    for positions in by_unit.values():
+        rank = (lambda p: (-float(scores[p]), variants[p])) if scores is not None else (lambda p: variants[p])
+        kept += sorted(positions, key=rank)[:keep]
+    return kept
+
+
+def unit_key(record: dict) -> tuple:
+    """What one unit's variants share: their real mask, and in instance mode the instance."""
+    return record["source_id"], record.get("instance", {}).get("rank")
 
 
 def stacked(dataset: SegmentationDataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -224,58 +310,81 @@ def run_pipeline(config: PipelineConfig) -> str:
     output.mkdir(parents=True, exist_ok=True)
     log = StageLog(output / "stages.csv")
     train_set, val_set = config.data.build(config.data.train_split), config.data.build(config.data.val_split)
-    ignore_index = train_set.ignore_index
+    ignore_index, num_classes = train_set.ignore_index, train_set.num_classes
     judge = load_judge(config.judge)[0] if config.judge else None
     real = TrainingSource(DenseTargetDataset(train_set))
-    snapshots = any(config.guidance(c)[1] == "snapshots" for c in config.conditions if c != UNGUIDED)
+    conditions = {name: config.condition(name) for name in config.conditions}
+    snapshots = any(c.committee == "snapshots" for c in conditions.values())
+    real_phases = [([real], config.train.epochs)]
     rows, committees = [], {}
     for seed in config.seeds:  # stage 1 for every seed first: it needs no generative model
         base = output / f"seed_{seed}"
         committees[seed] = [base / f"segmenter_{k}" for k in range(config.committee_size)]
         for k, folder in enumerate(committees[seed]):
             record = log.run(f"seed {seed}: train on real ({folder.name})",
-                             lambda f=folder, k=k: _train(config, [real], f, seed * 100 + k, train_set.num_classes, val_set,
-                                                          config.train.epochs))
+                             lambda f=folder, k=k: _train(config, real_phases, f, seed * 100 + k, num_classes, val_set))
             if k == 0:
-                fidelity = judge_set(*stacked(train_set), judge, train_set.num_classes, ignore_index)[0] if judge else {}
+                fidelity = judge_set(*stacked(train_set), judge, num_classes, ignore_index)[0] if judge else {}
                 rows.append({"seed": seed, "condition": REAL_ONLY, "val_miou": record["val_miou"], **fidelity})
         if snapshots:  # segmenter 0's seed, data order and recipe, stopped early
             early = base / "segmenter_0_early"
             log.run(f"seed {seed}: train on real ({early.name})",
-                    lambda f=early: _train(config, [real], f, seed * 100, train_set.num_classes, val_set, config.snapshot_epochs))
+                    lambda f=early: _train(config, [([real], config.snapshot_epochs)], f, seed * 100, num_classes, val_set))
             committees[seed].append(early)
-    # A mixed epoch shows len(real) / real_share items: fewer epochs keep the number of optimizer
-    # steps equal to the real-only run's, so synthetic data is not credited with extra training.
-    retrain_epochs = max(1, round(config.train.epochs * (1.0 - config.synthetic_share)))
-    real_share = dataclasses.replace(real, share=1.0 - config.synthetic_share)
+    shown = {}  # the first seed's kept sets, for sets.png
     for seed in config.seeds:
         base, segmenters = output / f"seed_{seed}", committees[seed]
-        for condition in config.conditions:
-            generated = base / "generated" / condition
-            log.run(f"seed {seed}: generate {condition}",
-                    lambda c=condition, g=generated: run_generation(generation_config(config, c, segmenters, g, seed)))
-            dataset = load_folder(generated)
-            values = {f"objective_{k}": v
-                      for k, v in objective_values(generated, segmenters[:config.committee_size], ignore_index).items()}
-            images, masks = stacked(dataset)
-            fidelity, filtered = judge_set(images, masks, judge, train_set.num_classes, ignore_index) if judge else ({}, None)
-            training_sets = {condition: DenseTargetDataset(dataset)}
+        for name, condition in conditions.items():
+            shared = config.share_unguided and condition.guidance is None
+            generator_seed, generator_segmenters = (0, committees[config.seeds[0]]) if shared else (seed, segmenters)
+            generated = (output / "shared" if shared else base) / "generated" / name
+            count = units(config, condition.mode, train_set, generator_seed)
+            log.run(f"{'all seeds' if shared else f'seed {seed}'}: generate {name}",
+                    lambda n=name, g=generated: run_generation(
+                        generation_config(config, n, generator_segmenters, g, generator_seed, count)))
+            images, masks, records = stacked(load_folder(generated)) + (
+                [r for r in read_metadata(generated) if not r.get("dropped")],)
+            # every objective's value on every pair, under this seed's stage-1 segmenters (the
+            # condition's committee; committee disagreement needs two members)
+            readers = {objective: committee_of(config, objective, condition.committee, segmenters)
+                       for objective in ("entropy", "committee", "expected_model_change")}
+            scores = {objective: objective_scores(images, masks, objective,
+                                                  [Segmenter.from_pretrained(p).eval() for p in paths], ignore_index)
+                      for objective, paths in readers.items() if objective != "committee" or len(paths) >= 2}
+            kept = kept_variants([unit_key(r) for r in records], [r["index"] // count for r in records],
+                                 None if condition.select == FIRST else scores[condition.select], config.keep_per_unit)
+            images, masks = images[kept], masks[kept]
+            values = {f"objective_{k}": float(v[kept].mean()) for k, v in scores.items()}
+            fidelity, filtered = judge_set(images, masks, judge, num_classes, ignore_index) if judge else ({}, None)
+            if name not in shown:  # one kept pair per real mask shown, the same masks for every set
+                sources = [records[p]["source_id"] for p in kept]
+                shown[name] = torch.stack([images[sources.index(i)] if i in sources else torch.ones_like(images[0])
+                                           for i in train_set.ids[:SHEET_SAMPLES]])
+            training_sets = {name: [{"image": i, "target": t} for i, t in zip(images, masks)]}
             if config.label_filter:
-                training_sets[condition + FILTERED] = [{"image": i, "target": t} for i, t in zip(images, filtered)]
-            for name, items in training_sets.items():
-                synthetic = TrainingSource(items, config.synthetic_share, config.synthetic_loss_weight, "synthetic")
-                record = log.run(f"seed {seed}: retrain real + {name}",
-                                 lambda s=synthetic, n=name: _train(config, [real_share, s],
-                                                                    base / "retrained" / n.replace(" ", "_"), seed * 100,
-                                                                    train_set.num_classes, val_set, retrain_epochs))
-                rows.append({"seed": seed, "condition": REAL_PLUS + name, "val_miou": record["val_miou"],
-                             "synthetic_samples": len(dataset), **values, **fidelity})
-    first = output / f"seed_{config.seeds[0]}" / "generated"
-    shown = [stacked(load_folder(first / c)) for c in config.conditions]
-    count = min([len(masks) for _, masks in shown] + [SHEET_SAMPLES])
-    sets_sheet(shown[0][1][:count].numpy(), {c: images[:count].numpy() for c, (images, _) in zip(config.conditions, shown)},
-               train_set.num_classes, output / "sets.png")
+                training_sets[name + FILTERED] = [{"image": i, "target": t} for i, t in zip(images, filtered)]
+            for set_name, items in training_sets.items():
+                for recipe in config.recipes:
+                    label = set_name + ("" if recipe == "joint" else f" ({recipe})")
+                    folder = base / "retrained" / (set_name.replace(" ", "_") + ("" if recipe == "joint" else f"_{recipe}"))
+                    record = log.run(f"seed {seed}: retrain real + {label}",
+                                     lambda r=recipe, i=items, f=folder: _train(
+                                         config, retraining_phases(config, r, real, i), f, seed * 100, num_classes, val_set))
+                    reference = unguided_reference(config, name) + set_name[len(name):]
+                    rows.append({"seed": seed, "condition": REAL_PLUS + label, "val_miou": record["val_miou"],
+                                 "reference": REAL_PLUS + reference + ("" if recipe == "joint" else f" ({recipe})"),
+                                 "synthetic_samples": len(items), "generated_samples": len(records), **values, **fidelity})
+    sets_sheet(stacked(train_set)[1][:SHEET_SAMPLES].numpy(), {n: images.numpy() for n, images in shown.items()},
+               num_classes, output / "sets.png")
     return write_results(rows, output)
+
+
+def unguided_reference(config: PipelineConfig, name: str) -> str:
+    """The unguided condition a condition is compared with: the first unguided one in its mode
+    (the condition itself when it is unguided)."""
+    mode = config.condition(name).mode
+    return next((c for c in config.conditions if config.condition(c).guidance is None and config.condition(c).mode == mode),
+                name)
 
 
 def paired_changes(rows: list[dict], condition: str, reference: str) -> list[float]:
@@ -313,14 +422,14 @@ def write_results(rows: list[dict], output: Path) -> str:
         mious = np.array([row["val_miou"] for row in chosen]) * 100
         means.append(mious.mean())
         spreads.append(mious.std())
-        unguided = f"{REAL_PLUS}{UNGUIDED}" + (FILTERED if condition.endswith(FILTERED) else "")
+        unguided = chosen[0].get("reference", REAL_ONLY)  # real only has no unguided reference
         changes = [_change_cell(paired_changes(rows, condition, reference)) for reference in (REAL_ONLY, unguided)]
         cells = [f"{np.mean([row[k] for row in chosen if k in row]):.4f}" if any(k in row for row in chosen) else "-"
                  for k in objective_keys]
         lines.append(f"| {condition} | {mious.mean():.1f} ± {mious.std():.1f} | {len(chosen)} | "
                      + " | ".join(changes + cells) + " |")
     summary = "\n".join(lines) + ("\n\nPaired columns: mean ± std over seeds of the val mIoU change against the same "
-                                  "seed's reference (filtered sets against unguided filtered), per seed in brackets. "
+                                  "seed's reference (against the unguided set of the same mode, filter and recipe), per seed in brackets. "
                                   "Objective columns: mean value of each informativeness objective on the "
                                   "synthetic set, under the stage-1 segmenters (higher = the guiding model finds it harder). "
                                   "fidelity_miou / fidelity_agreement (with a judge): its mIoU against the masks and the share "

@@ -297,7 +297,7 @@ class GuidedControlNetSampler:
         if run.region is not None:  # only the regenerated part moves (and sets the normalisation)
             gradient = gradient * run.region
         noise_level = float((1 - self.components.scheduler.alphas_cumprod[int(t)]).sqrt())
-        update = self.schedule.update(gradient, i, len(run.timesteps), noise_level).to(run.latents.dtype) * finite
+        update = self.schedule.update(gradient, i, len(run.timesteps), noise_level, run.region).to(run.latents.dtype) * finite
         return GuidanceStep(output, gradient, value, update, finite.flatten())
 
     # -- the loop ------------------------------------------------------------------------------

@@ -55,11 +55,16 @@ class GuidanceSchedule:
         first, stop = self._window(num_steps)
         return self.strength * (stop - step) / max(1, stop - first)
 
-    def update(self, gradient: Tensor, step: int, num_steps: int, noise_level: float = 1.0) -> Tensor:
+    def update(self, gradient: Tensor, step: int, num_steps: int, noise_level: float = 1.0,
+               region: Optional[Tensor] = None) -> Tensor:
         """The latent update for a raw gradient ``[N, ...]`` (per-sample normalisation);
-        ``noise_level`` is ``sqrt(1 - alpha_bar_t)`` of the step."""
+        ``noise_level`` is ``sqrt(1 - alpha_bar_t)`` of the step. With ``region`` (1 where the
+        latents are generated, broadcastable to the gradient, which is 0 elsewhere) the RMS is taken
+        over the region, so a regenerated object gets the per-element step of a whole image."""
         if self.normalize == "rms":
-            rms = gradient.flatten(1).square().mean(1).sqrt().clamp_min(1e-12)
+            squares = gradient.flatten(1).square()
+            mean = squares.mean(1) if region is None else squares.sum(1) / region.expand_as(gradient).flatten(1).sum(1).clamp_min(1)
+            rms = mean.sqrt().clamp_min(1e-12)
             gradient = gradient / rms.view(-1, *([1] * (gradient.ndim - 1))) * noise_level
         update = self.strength_at(step, num_steps) * gradient
         if self.clip is not None:

@@ -12,7 +12,7 @@ from scripts.pipeline import main as cli_main
 
 TINY = ["seeds=[0]", "data.num_train_images=4", "data.num_val_images=2", "data.size=64",
         "model.encoder_depth=3", "model.decoder_channels=[16,8,8]", "train.epochs=1", "train.batch_size=4",
-        "committee_size=2", "num_synthetic=2", "generation.tiny_components=true", "generation.num_inference_steps=2",
+        "committee_size=2", "generation.tiny_components=true", "generation.num_inference_steps=2",
         "generation.batch_size=2", "generation.guidance.strength=0.3", "progress=false"]
 
 
@@ -23,12 +23,12 @@ def test_pipeline_writes_every_stage_and_resumes_without_recomputing(tmp_path, c
     assert [r["condition"] for r in rows] == ["real only", "real + unguided", "real + entropy", "real + committee",
                                               "real + expected_model_change"]
     assert all(0 <= float(r["val_miou"]) <= 1 for r in rows)
-    assert all(r["synthetic_samples"] == "2" for r in rows[1:])
+    assert all(r["synthetic_samples"] == "4" for r in rows[1:])  # one per real mask
     assert {"objective_entropy", "objective_committee", "objective_expected_model_change"} <= set(rows[1])
     for name in ("summary.md", "miou.png", "sets.png", "stages.csv"):
         assert (tmp_path / name).exists()
     for condition in ("unguided", "entropy", "committee", "expected_model_change"):
-        assert len(list((tmp_path / "seed_0" / "generated" / condition / "images").glob("*.png"))) == 2
+        assert len(list((tmp_path / "seed_0" / "generated" / condition / "images").glob("*.png"))) == 4
         assert (tmp_path / "seed_0" / "retrained" / condition / "training.json").exists()
     assert "| real + entropy |" in capsys.readouterr().out
     stages = (tmp_path / "stages.csv").read_text()
@@ -40,7 +40,8 @@ def test_pipeline_writes_every_stage_and_resumes_without_recomputing(tmp_path, c
 
 
 def test_paired_changes_are_per_seed_differences_and_the_summary_shows_them(tmp_path):
-    rows = [{"seed": s, "condition": c, "val_miou": v} for s, c, v in
+    references = {"real + entropy": "real + unguided", "real + entropy filtered": "real + unguided filtered"}
+    rows = [{"seed": s, "condition": c, "val_miou": v, "reference": references.get(c, c)} for s, c, v in
             [(0, "real only", 0.50), (1, "real only", 0.40), (2, "real only", 0.45),
              (0, "real + unguided", 0.52), (1, "real + unguided", 0.35), (2, "real + unguided", 0.45),
              (0, "real + entropy", 0.55), (2, "real + entropy", 0.47),
@@ -131,3 +132,61 @@ def test_pipeline_explains_bad_variants(tmp_path, capsys):
     assert "variants.late.objective" in capsys.readouterr().err
     assert cli_main([*base, "variants={late: {objective: entropy}}", "label_filter=true"]) == 2
     assert "judge" in capsys.readouterr().err
+
+
+def test_kept_variants_are_the_top_k_of_each_unit_by_score():
+    from guidedgen.pipeline import kept_variants
+
+    units = ["a", "b", "a", "b", "a", "b"]  # written order: variant 0 of a, b, then variant 1, 2
+    variants = [0, 0, 1, 1, 2, 2]
+    scores = torch.tensor([0.1, 0.9, 0.5, 0.2, 0.3, 0.9])
+    assert kept_variants(units, variants, scores, 1) == [2, 1]  # b: a tie between variants 0 and 2 keeps 0
+    assert kept_variants(units, variants, scores, 2) == [2, 4, 1, 5]
+    assert kept_variants(units, variants, None, 2) == [0, 2, 1, 3]  # no ranking: the first variants
+    assert kept_variants(units, variants, scores, 3) == [2, 4, 0, 1, 5, 3]
+
+
+@pytest.mark.parametrize("recipe", ["joint", "finetune"])
+def test_every_recipe_takes_as_many_optimizer_steps_as_real_only(recipe):
+    import math
+
+    from al.train import TrainingSource
+    from guidedgen.pipeline import PipelineConfig, retraining_phases
+
+    config = PipelineConfig()  # 30 epochs, share 0.5
+    real = TrainingSource([{}] * 24)
+    phases = retraining_phases(config, recipe, real, [{}] * 48)
+    batch = config.train.batch_size
+    real_only = config.train.epochs * math.ceil(24 / batch)
+    # a mixed epoch shows len(real) / real share items; a single-source epoch shows its items
+    steps = sum(epochs * math.ceil(len(sources[0].dataset) / sources[0].share / batch) for sources, epochs in phases)
+    # finetune rounds the synthetic phase to whole epochs: within half an epoch of the 48 synthetic items
+    assert steps == real_only if recipe == "joint" else abs(steps - real_only) <= math.ceil(48 / batch) / 2
+    assert [[s.name for s in sources] for sources, _ in phases] == (
+        [["real", "synthetic"]] if recipe == "joint" else [["synthetic"], ["real"]])
+
+
+def test_instance_mode_variants_and_recipes_in_the_pipeline(tmp_path):
+    import json
+
+    args = ["--config", "configs/augment_digits3.yaml", f"output_dir={tmp_path}", *TINY, "data.num_train_images=3",
+            "data.size=32", "data.min_digit_size=14", "data.max_digit_size=20", "judge=null",
+            "variants_per_unit=2", "keep_per_unit=1", "instances.size=32", "instances.min_area=10",
+            "conditions=[unguided,unguided_instance,entropy_instance]",
+            "variants={unguided_instance: {mode: instance}, entropy_instance: {objective: entropy, mode: instance}}"]
+    assert cli_main(args) == 0
+    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert [r["condition"] for r in rows] == ["real only"] + [f"real + {c}{r}" for c in
+                                                              ("unguided", "unguided_instance", "entropy_instance")
+                                                              for r in ("", " (finetune)")]
+    by_name = {r["condition"]: r for r in rows}
+    assert by_name["real + entropy_instance (finetune)"]["reference"] == "real + unguided_instance (finetune)"
+    assert by_name["real + unguided"]["synthetic_samples"] == "3" and by_name["real + unguided"]["generated_samples"] == "6"
+    shared = tmp_path / "shared" / "generated" / "unguided_instance"
+    records = [json.loads(line) for line in open(shared / "metadata.jsonl")]
+    units = int(by_name["real + unguided_instance"]["synthetic_samples"])
+    assert len(records) == 2 * units and {r["instance"]["variant"] for r in records} == {0, 1}
+    assert not (tmp_path / "seed_0" / "generated" / "unguided_instance").exists()  # shared, not per seed
+    assert (tmp_path / "seed_0" / "generated" / "entropy_instance" / "dataset.json").exists()
+    phases = json.loads((tmp_path / "seed_0" / "retrained" / "entropy_instance_finetune" / "training.json").read_text())["phases"]
+    assert [p["sources"][0]["name"] for p in phases] == ["synthetic", "real"]
