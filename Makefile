@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # (17 min instead of ~2 seen under load); two threads, the machine's cores.
 TEST_ENV := OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=2
 
-.PHONY: demo al-demo al-benchmark test install clean
+.PHONY: demo augment-demo al-demo al-benchmark test install clean
 
 install: $(STAMP)
 
@@ -25,6 +25,12 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(PY) scripts/train_segmenter.py --config configs/segmenter_digits.yaml
 	$(PY) scripts/generate.py --config configs/demo.yaml overwrite=true
+
+# Instance-level augmentation: real scenes with one digit regenerated (unguided and guided, side by
+# side in sheet.png); writes outputs/augment_demo/. Trains the demo's segmenter first if missing.
+augment-demo: $(STAMP)
+	test -f outputs/demo/segmenter/config.json || $(PY) scripts/train_segmenter.py --config configs/segmenter_digits.yaml
+	$(PY) scripts/generate.py --config configs/augment_demo.yaml overwrite=true
 
 # Sparse-pixel active learning on DigitScenes (BalEnt vs random); writes outputs/al_demo/.
 al-demo: $(STAMP)

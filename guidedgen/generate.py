@@ -119,6 +119,7 @@ class GenerateConfig:
     vae_gradient_checkpointing: bool = False
     vae_slicing: bool = False
     contact_sheet_samples: int = 4
+    contact_sheet_file: str = "contact_sheet.png"  # written beside the dataset by scripts/generate.py
     progress: bool = True
 
     def validate(self) -> None:
@@ -160,7 +161,7 @@ class GenerateConfig:
         """What defines the samples: everything but where they go, how many, and how fast."""
         values = dataclasses.asdict(self)
         for key in ("output_dir", "num_samples", "overwrite", "batch_size", "progress", "contact_sheet_samples",
-                    "vae_gradient_checkpointing", "vae_slicing"):
+                    "contact_sheet_file", "vae_gradient_checkpointing", "vae_slicing"):
             values.pop(key)
         return values
 
@@ -317,36 +318,41 @@ def regenerate_instances(config: GenerateConfig, sampler: GuidedControlNetSample
 
 
 def write_contact_sheet(config: GenerateConfig, path: Path) -> Optional[Path]:
-    """Contact sheet of the first finished samples: their control image, the unguided sample of
-    the same seed, the guided sample as written, and the guiding segmenter's entropy on it."""
+    """Contact sheet of the first finished samples: their control image (in instance mode: the real
+    image and its mask), the unguided sample of the same seed, the guided sample as written, and
+    the guiding segmenter's entropy on it."""
     dataset = load_folder(config.output_dir)
     count = min(config.contact_sheet_samples, len(dataset))
     if count == 0 or not config.guidance.segmenters:
         return None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     samples = [dataset[i] for i in range(count)]
-    records = {r["id"]: r for r in read_metadata(Path(config.output_dir))}
+    records = [{r["id"]: r for r in read_metadata(Path(config.output_dir))}[s.id] for s in samples]
     # the conditioning masks as written, without the quality check's ignore map
-    masks = torch.stack([torch.from_numpy(read_index_mask(Path(config.output_dir, records[s.id]["mask"])).astype(np.int64))
-                         for s in samples]).to(device)
+    masks = torch.stack([torch.from_numpy(read_index_mask(Path(config.output_dir, r["mask"])).astype(np.int64))
+                         for r in records]).to(device)
     classes = list(dataset.classes)
     palette = build_palette(config.palette, classes, dataset.ignore_index)
     segmenter = load_model(config.guidance.segmenters[0], device)
     unguided = build_sampler(config, build_components(config, device), palette, [], dataset.ignore_index, strength=0.0)
-    seeds = [records[s.id]["seed"] for s in samples]
-    prompts = [records[s.id]["prompt"] for s in samples]
-    references = []
-    if config.extra_controls:
-        source_set = config.masks.build(config.masks_split)
-        references = [source_set[source_set.index_of(records[s.id]["source_id"])].image for s in samples]
-    plain = unguided(masks, prompts, seeds, extra_controls(config, references)).images
+    seeds = [r["seed"] for r in records]
+    source_set = config.masks.build(config.masks_split) if config.extra_controls or config.instances else None
+    sources = [source_set[source_set.index_of(r["source_id"])] for r in records] if source_set else []
+    if config.instances is None:
+        plain = unguided(masks, [r["prompt"] for r in records], seeds, extra_controls(config, [s.image for s in sources])).images
+    else:  # the same instances regenerated unguided
+        chosen = [Instance(source_set.index_of(r["source_id"]), r["instance"]["rank"], classes.index(r["instance"]["class"]),
+                           r["instance"]["area"]) for r in records]
+        plain = regenerate_instances(config, unguided, sources, chosen, seeds, classes, device)[0]
     guided = torch.stack([s.image for s in samples]).to(device)
     with torch.no_grad():
         uncertainty = entropy(segmenter(guided).softmax(1)[None])
     to_uint8 = lambda x: (x.permute(0, 2, 3, 1).float().cpu().numpy() * 255 + 0.5).astype(np.uint8)
-    captions = [f"{s.id}: {records[s.id]['objective']} x{records[s.id]['strength']}" for s in samples]
-    contact_sheet(to_uint8(palette.colourise(masks)), to_uint8(plain), to_uint8(guided),
-                  uncertainty.cpu().numpy(), captions, path)
+    captions = [f"{s.id}: {r['objective']} x{r['strength']}" for s, r in zip(samples, records)]
+    if config.instances is None:
+        panels = {"mask (control image)": palette.colourise(masks), "unguided": plain, "guided": guided}
+    else:
+        panels = {"real image": torch.stack([s.image for s in sources]), "mask": palette.colourise(masks),
+                  "regenerated unguided": plain, "regenerated guided": guided}
+    contact_sheet({title: to_uint8(images) for title, images in panels.items()}, uncertainty.cpu().numpy(), captions, path)
     return path
-
-

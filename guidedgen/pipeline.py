@@ -303,6 +303,20 @@ def judge_set(images: torch.Tensor, masks: torch.Tensor, judge: Segmenter, num_c
     return scores, torch.where(agree | ~labelled, masks, torch.full_like(masks, ignore_index))
 
 
+@torch.no_grad()
+def region_fidelity(images: torch.Tensor, real_images: torch.Tensor, masks: torch.Tensor, judge: Segmenter,
+                    ignore_index: int) -> dict[str, float]:
+    """How well the judge reads the regenerated pixels (those that differ from the real image at
+    8 bits) in the augmented ``images``, and the same pixels in the ``real_images``: the share of
+    labelled ones where it reads the mask's class."""
+    changed = ((images * 255).round() != (real_images * 255).round()).any(1) & (masks != ignore_index)
+    agreement = {}
+    for name, batch in (("generated", images), ("real", real_images)):
+        prediction = torch.cat([judge.predict(batch[i:i + 32]) for i in range(0, len(batch), 32)])
+        agreement[f"fidelity_region_{name}"] = float(((prediction == masks) & changed).sum() / changed.sum().clamp_min(1))
+    return agreement
+
+
 def run_pipeline(config: PipelineConfig) -> str:
     """Run (or resume) every seed and condition; returns the markdown summary."""
     config.validate()
@@ -356,6 +370,9 @@ def run_pipeline(config: PipelineConfig) -> str:
             images, masks = images[kept], masks[kept]
             values = {f"objective_{k}": float(v[kept].mean()) for k, v in scores.items()}
             fidelity, filtered = judge_set(images, masks, judge, num_classes, ignore_index) if judge else ({}, None)
+            if judge and condition.mode == "instance":  # the regenerated objects against the real ones
+                real_images = torch.stack([train_set[train_set.index_of(records[p]["source_id"])].image for p in kept])
+                fidelity.update(region_fidelity(images, real_images, masks, judge, ignore_index))
             if name not in shown:  # one kept pair per real mask shown, the same masks for every set
                 sources = [records[p]["source_id"] for p in kept]
                 shown[name] = torch.stack([images[sources.index(i)] if i in sources else torch.ones_like(images[0])
@@ -433,7 +450,9 @@ def write_results(rows: list[dict], output: Path) -> str:
                                   "Objective columns: mean value of each informativeness objective on the "
                                   "synthetic set, under the stage-1 segmenters (higher = the guiding model finds it harder). "
                                   "fidelity_miou / fidelity_agreement (with a judge): its mIoU against the masks and the share "
-                                  "of labelled pixels where it reads the mask's class (real only: on the real images).\n")
+                                  "of labelled pixels where it reads the mask's class (real only: on the real images); "
+                                  "fidelity_region_generated / _real (instance mode): that share on the regenerated pixels, "
+                                  "and on the same pixels of the real images.\n")
     atomic_write_bytes(output / "summary.md", summary.encode())
     figure = Figure(figsize=(1.6 + 1.3 * len(conditions), 3.4))
     axes = figure.add_subplot(1, 1, 1)

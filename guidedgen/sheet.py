@@ -1,4 +1,4 @@
-"""Contact sheet: mask | unguided | guided | segmenter entropy, one row per sample."""
+"""Contact sheets: generated samples beside their masks (and real images), and generated sets side by side."""
 
 from __future__ import annotations
 
@@ -11,16 +11,17 @@ from matplotlib.figure import Figure
 from al.plots import save_figure
 
 
-def contact_sheet(control: np.ndarray, unguided: np.ndarray, guided: np.ndarray, entropy: np.ndarray,
-                  captions: list[str], path: Union[str, os.PathLike]) -> None:
-    """``control``, ``unguided``, ``guided`` uint8 ``[N, H, W, 3]``; ``entropy`` ``[N, H, W]``."""
-    titles = ["mask (control image)", "unguided", "guided", "segmenter entropy (guided)"]
-    rows = len(control)
+def contact_sheet(panels: dict[str, np.ndarray], entropy: np.ndarray, captions: list[str],
+                  path: Union[str, os.PathLike]) -> None:
+    """One row per sample: the ``panels`` (title -> uint8 ``[N, H, W, 3]``), then the segmenter's
+    entropy ``[N, H, W]`` on the last of them (the written samples)."""
+    titles = [*panels, "segmenter entropy"]
+    rows = len(entropy)
     figure = Figure(figsize=(2.2 * len(titles), 2.3 * rows))
     for r in range(rows):
-        for c, panel in enumerate([control[r], unguided[r], guided[r], entropy[r]]):
+        for c, panel in enumerate([images[r] for images in panels.values()] + [entropy[r]]):
             axes = figure.add_subplot(rows, len(titles), r * len(titles) + c + 1)
-            if c == 3:
+            if c == len(panels):
                 shown = axes.imshow(panel, cmap="magma", vmin=0)
                 figure.colorbar(shown, ax=axes, fraction=0.046, pad=0.02)
             else:

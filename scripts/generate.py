@@ -4,7 +4,7 @@
     python scripts/generate.py --config configs/demo.yaml            # one process
 
 Re-running with the same output_dir resumes; a different config there is refused unless
-``overwrite=true``. Writes ``contact_sheet.png`` beside the dataset.
+``overwrite=true``. Writes a contact sheet (``contact_sheet_file``) beside the dataset.
 """
 
 import sys
@@ -24,7 +24,7 @@ def main(argv=None) -> int:
         state = PartialState(cpu=not torch.cuda.is_available())
         output = run_generation(config, state)
         if state.is_main_process:
-            sheet = write_contact_sheet(config, output / "contact_sheet.png")
+            sheet = write_contact_sheet(config, output / config.contact_sheet_file)
             print(f"wrote {output}" + (f" and {sheet}" if sheet else ""))
     except (ConfigError, DatasetError, OSError, KeyError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -144,7 +144,8 @@ def test_instance_mode_writes_real_images_with_one_instance_regenerated(tmp_path
     guiding_segmenters[0].save_pretrained(segmenter)
     args = ["--config", str(ROOT / "configs/demo.yaml"), f"output_dir={tmp_path / 'out'}", f"guidance.segmenters=[{segmenter}]",
             "num_inference_steps=3", "batch_size=3", "masks.size=32", "masks.num_train_images=3", "masks_split=train",
-            "masks.min_digit_size=14", "masks.max_digit_size=20", "progress=false", "contact_sheet_samples=0",
+            "masks.min_digit_size=14", "masks.max_digit_size=20", "progress=false", "contact_sheet_samples=2",
+            "contact_sheet_file=sheet.png",
             "guidance.strength=0.1", "tiny_components=true",
             "instances={size: 32, min_area: 10, inpaint_dilation: 3, blend_dilation: 3, blend_blur: 3, strength: 0.75}"]
     from al.experiment import DataConfig
@@ -169,6 +170,7 @@ def test_instance_mode_writes_real_images_with_one_instance_regenerated(tmp_path
     assert records[-1]["seed"] != records[0]["seed"]  # a second variant of the first instance, other noise
     info = json.loads((tmp_path / "out" / "dataset.json").read_text())
     assert info["generator"]["config"]["instances"]["strength"] == 0.75
+    assert (tmp_path / "out" / "sheet.png").stat().st_size > 0  # real | mask | unguided | guided | entropy
 
 
 def test_instance_mode_explains_an_empty_selection_and_bad_settings(tmp_path, capsys):

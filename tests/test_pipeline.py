@@ -190,3 +190,24 @@ def test_instance_mode_variants_and_recipes_in_the_pipeline(tmp_path):
     assert (tmp_path / "seed_0" / "generated" / "entropy_instance" / "dataset.json").exists()
     phases = json.loads((tmp_path / "seed_0" / "retrained" / "entropy_instance_finetune" / "training.json").read_text())["phases"]
     assert [p["sources"][0]["name"] for p in phases] == ["synthetic", "real"]
+
+
+def test_region_fidelity_reads_only_the_regenerated_pixels_in_both_images(tmp_path):
+    from guidedgen.pipeline import region_fidelity
+
+    judge = tiny_judge(tmp_path)
+    generator = torch.Generator().manual_seed(0)
+    real = torch.randint(0, 256, (2, 3, 64, 64), generator=generator).float() / 255
+    images = real.clone()
+    images[:, :, 10:30, 20:40] = torch.rand(2, 3, 20, 20, generator=generator)  # the regenerated block
+    images[1, :, 0, 0] += 0.4 / 255  # within the same 8-bit value: not a change
+    masks = torch.randint(0, 4, (2, 64, 64), generator=generator)
+    masks[0, 10:15] = 255  # unlabelled pixels do not count
+    scores = region_fidelity(images, real, masks, judge, 255)
+    block = torch.zeros(2, 64, 64, dtype=torch.bool)
+    block[:, 10:30, 20:40] = True
+    block &= masks != 255
+    for name, batch in (("generated", images), ("real", real)):
+        expected = (judge.predict(batch) == masks)[block].float().mean()
+        assert scores[f"fidelity_region_{name}"] == pytest.approx(float(expected))
+    assert scores["fidelity_region_generated"] != scores["fidelity_region_real"]
