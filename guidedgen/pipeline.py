@@ -51,6 +51,7 @@ from al.train import (
 from guidedgen.generate import GenerateConfig, GuidanceConfig, run_generation
 from guidedgen.guidance import OBJECTIVES, build_objective
 from guidedgen.instances import InstanceConfig, find_instances
+from guidedgen.loss_filter import DEFAULT_MARGIN, class_mean_losses, filter_by_loss, pixel_losses
 from guidedgen.quality import load_judge
 from guidedgen.sheet import sets_sheet
 
@@ -58,6 +59,7 @@ UNGUIDED = "unguided"
 REAL_ONLY = "real only"
 REAL_PLUS = "real + "  # the condition of a retrained row: REAL_PLUS + set name
 FILTERED = " filtered"  # set name suffix of a label-filtered set
+LOSS_FILTERED = " loss-filtered"  # set name suffix of a set filtered by FreeMask's pixel filter
 MODES = ("whole", "instance")  # whole images from the masks, or one instance regenerated in a real image
 RECIPES = ("joint", "finetune")  # real + synthetic mixed in every batch, or synthetic first then real
 FIRST = "first"  # the selection that keeps the first k variants of a unit (no ranking)
@@ -88,6 +90,11 @@ class PipelineConfig:
     # another class than the mask's ignored (condition "<name> filtered").
     judge: Optional[str] = None
     label_filter: bool = False
+    # FreeMask's pixel filter (guidedgen.loss_filter): with loss_filter, every set is also retrained
+    # with the synthetic pixels ignored whose loss under the seed's segmenter 0 exceeds
+    # loss_filter_margin x its class's mean loss on the real pixels (condition "<name> loss-filtered")
+    loss_filter: bool = False
+    loss_filter_margin: float = DEFAULT_MARGIN
     # A unit is a real mask (whole mode) or an instance (instance mode): variants_per_unit are
     # generated per unit and keep_per_unit of them are kept, the top ones by the condition's
     # objective under the stage-1 segmenters (Figure 1's "generate many, keep the informative").
@@ -123,6 +130,8 @@ class PipelineConfig:
         require(self.committee_size >= (2 if self._objectives_seen("committee") else 1), "committee_size",
                 self.committee_size, "an integer >= 2 when 'committee' is a condition or a selection (>= 1 otherwise)")
         require(self.judge is not None or not self.label_filter, "judge", self.judge, "a judge folder when label_filter is on")
+        require(self.loss_filter_margin > 0 and math.isfinite(self.loss_filter_margin), "loss_filter_margin",
+                self.loss_filter_margin, "a finite number > 0 (FreeMask's is 1.25)")
         require(0.0 < self.synthetic_share < 1.0, "synthetic_share", self.synthetic_share, "a number in (0, 1)")
         require(self.variants_per_unit >= 1, "variants_per_unit", self.variants_per_unit, "an integer >= 1")
         require(1 <= self.keep_per_unit <= self.variants_per_unit, "keep_per_unit", self.keep_per_unit,
@@ -348,6 +357,11 @@ def run_pipeline(config: PipelineConfig) -> str:
     shown = {}  # the first seed's kept sets, for sets.png
     for seed in config.seeds:
         base, segmenters = output / f"seed_{seed}", committees[seed]
+        if config.loss_filter:  # FreeMask: segmenter 0's mean loss per class on the real pixels
+            reader = Segmenter.from_pretrained(segmenters[0])
+            real_images, real_masks = stacked(train_set)
+            class_means = class_mean_losses(pixel_losses(reader, real_images, real_masks, ignore_index), real_masks,
+                                            num_classes, ignore_index)
         for name, condition in conditions.items():
             shared = config.share_unguided and condition.guidance is None
             generator_seed, generator_segmenters = (0, committees[config.seeds[0]]) if shared else (seed, segmenters)
@@ -377,10 +391,15 @@ def run_pipeline(config: PipelineConfig) -> str:
                 sources = [records[p]["source_id"] for p in kept]
                 shown[name] = torch.stack([images[sources.index(i)] if i in sources else torch.ones_like(images[0])
                                            for i in train_set.ids[:SHEET_SAMPLES]])
-            training_sets = {name: [{"image": i, "target": t} for i, t in zip(images, masks)]}
+            training_sets = {name: masks}
             if config.label_filter:
-                training_sets[name + FILTERED] = [{"image": i, "target": t} for i, t in zip(images, filtered)]
-            for set_name, items in training_sets.items():
+                training_sets[name + FILTERED] = filtered
+            if config.loss_filter:
+                training_sets[name + LOSS_FILTERED] = filter_by_loss(pixel_losses(reader, images, masks, ignore_index), masks,
+                                                                     class_means, ignore_index, config.loss_filter_margin)
+            for set_name, targets in training_sets.items():
+                items = [{"image": i, "target": t} for i, t in zip(images, targets)]
+                labelled = float((targets != ignore_index).sum() / (masks != ignore_index).sum().clamp_min(1))
                 for recipe in config.recipes:
                     label = set_name + ("" if recipe == "joint" else f" ({recipe})")
                     folder = base / "retrained" / (set_name.replace(" ", "_") + ("" if recipe == "joint" else f"_{recipe}"))
@@ -390,7 +409,8 @@ def run_pipeline(config: PipelineConfig) -> str:
                     reference = unguided_reference(config, name) + set_name[len(name):]
                     rows.append({"seed": seed, "condition": REAL_PLUS + label, "val_miou": record["val_miou"],
                                  "reference": REAL_PLUS + reference + ("" if recipe == "joint" else f" ({recipe})"),
-                                 "synthetic_samples": len(items), "generated_samples": len(records), **values, **fidelity})
+                                 "synthetic_samples": len(items), "generated_samples": len(records),
+                                 "labelled_share": labelled, **values, **fidelity})
     sets_sheet(stacked(train_set)[1][:SHEET_SAMPLES].numpy(), {n: images.numpy() for n, images in shown.items()},
                num_classes, output / "sets.png")
     return write_results(rows, output)
@@ -429,7 +449,7 @@ def write_results(rows: list[dict], output: Path) -> str:
     writer.writerows(rows)
     atomic_write_bytes(output / "results.csv", buffer.getvalue().encode())
     conditions = list(dict.fromkeys(row["condition"] for row in rows))
-    objective_keys = [k for k in fields if k.startswith(("objective_", "fidelity_"))]
+    objective_keys = [k for k in fields if k.startswith(("objective_", "fidelity_", "labelled_"))]
     lines = ["| training data | val mIoU (%) | seeds | paired vs real only | paired vs unguided | "
              + " | ".join(k.replace("objective_", "") for k in objective_keys) + " |",
              "|---" * (5 + len(objective_keys)) + "|"]
@@ -452,7 +472,8 @@ def write_results(rows: list[dict], output: Path) -> str:
                                   "fidelity_miou / fidelity_agreement (with a judge): its mIoU against the masks and the share "
                                   "of labelled pixels where it reads the mask's class (real only: on the real images); "
                                   "fidelity_region_generated / _real (instance mode): that share on the regenerated pixels, "
-                                  "and on the same pixels of the real images.\n")
+                                  "and on the same pixels of the real images. labelled_share: the share of the kept synthetic pairs' "
+                                  "labelled pixels that stay labelled for training (below 1 after a filter).\n")
     atomic_write_bytes(output / "summary.md", summary.encode())
     figure = Figure(figsize=(1.6 + 1.3 * len(conditions), 3.4))
     axes = figure.add_subplot(1, 1, 1)

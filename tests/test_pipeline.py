@@ -108,13 +108,19 @@ def test_variants_snapshot_committee_and_label_filter(tmp_path):
                " committee_snapshots: {objective: committee, committee: snapshots}}"
     args = ["--config", "configs/pipeline_digits.yaml", f"output_dir={tmp_path / 'run'}", *TINY, "committee_size=1",
             "conditions=[unguided,entropy_late,committee_snapshots]", variants, "snapshot_epochs=1",
-            f"judge={judge}", "label_filter=true"]
+            f"judge={judge}", "label_filter=true", "loss_filter=true",
+            "loss_filter_margin=1.0"]  # a 1-epoch model reads every pixel at about ln(11): no pixel is 1.25x its mean
     assert cli_main(args) == 0
     rows = list(csv.DictReader(open(tmp_path / "run" / "results.csv")))
     assert [r["condition"] for r in rows] == ["real only"] + [f"real + {c}{f}" for c in
                                                               ("unguided", "entropy_late", "committee_snapshots")
-                                                              for f in ("", " filtered")]
+                                                              for f in ("", " filtered", " loss-filtered")]
     assert all(0 <= float(r["fidelity_miou"]) <= 1 and 0 <= float(r["fidelity_agreement"]) <= 1 for r in rows)
+    shares = {r["condition"]: float(r["labelled_share"]) for r in rows[1:]}
+    assert all(share == 1.0 for name, share in shares.items() if name.endswith(("unguided", "late", "snapshots")))
+    assert any(share < 1.0 for name, share in shares.items() if name.endswith("loss-filtered"))
+    assert next(r for r in rows if r["condition"] == "real + entropy_late loss-filtered")["reference"] == \
+        "real + unguided loss-filtered"
     seed = tmp_path / "run" / "seed_0"
     generated = {c: json.loads((seed / "generated" / c / "dataset.json").read_text())["generator"]["config"]["guidance"]
                  for c in ("entropy_late", "committee_snapshots")}
@@ -122,6 +128,7 @@ def test_variants_snapshot_committee_and_label_filter(tmp_path):
     assert generated["committee_snapshots"]["segmenters"] == [str(seed / "segmenter_0"), str(seed / "segmenter_0_early")]
     assert json.loads((seed / "segmenter_0_early" / "training.json").read_text())["losses"].__len__() == 1
     assert (seed / "retrained" / "committee_snapshots_filtered" / "training.json").exists()
+    assert (seed / "retrained" / "committee_snapshots_loss-filtered" / "training.json").exists()
 
 
 def test_pipeline_explains_bad_variants(tmp_path, capsys):
