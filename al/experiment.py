@@ -27,6 +27,7 @@ from al.config import require
 from al.data import LAYOUTS, DigitScenesConfig, digit_scenes, load_folder
 from al.data.base import SegmentationDataset
 from al.data.folder import atomic_write_bytes
+from al.folder_lock import FolderLock
 from al.labels import SparseLabels
 from al.loop import (
     LEARNERS,
@@ -276,7 +277,11 @@ def run_experiment(config: ExperimentConfig) -> str:
     :class:`al.loop.AwaitingAnnotations` whenever queries wait for a person."""
     config.validate()
     output_dir, device = Path(config.output_dir), config.resolved_device()
-    output_dir.mkdir(parents=True, exist_ok=True)
+    with FolderLock(output_dir, "active-learning experiment"):  # one experiment writes its folder
+        return _run_experiment(config, output_dir, device)
+
+
+def _run_experiment(config: ExperimentConfig, output_dir: Path, device) -> str:
     train_set, val_set = config.data.build(config.data.train_split), config.data.build(config.data.val_split)
     references = {}
     tasks = ([("supervised", seed) for seed in config.seeds] if config.supervised_reference else [])

@@ -23,6 +23,7 @@ from al.acquisition import ACQUISITIONS, get_acquisition, pool_predictions
 from al.data.base import DatasetError, SegmentationDataset
 from al.data.folder import atomic_write_bytes, load_folder
 from al.diffusion_features import DiffusionFeaturesConfig, DiffusionFeatureSegmenter
+from al.folder_lock import FolderLock
 from al.labels import SparseLabels
 from al.models import Segmenter, build_segmenter, load_model
 from al.select import NotEnoughPixelsError, get_rule, top_n
@@ -398,7 +399,12 @@ class ActiveLearningLoop:
 
     def run(self) -> list[CycleRecord]:
         """Run (or resume) all cycles; returns one record per cycle (cycles + 1 evaluations).
-        Raises :class:`AwaitingAnnotations` when queries wait for a person."""
+        Raises :class:`AwaitingAnnotations` when queries wait for a person. The run's folder is
+        locked meanwhile: a second loop or an annotation page on it is refused."""
+        with FolderLock(self.state_dir, "active-learning run"):
+            return self._run()
+
+    def _run(self) -> list[CycleRecord]:
         self.initial_labels()
         self._answer("initial")
         model_dir = self.state_dir / "model"

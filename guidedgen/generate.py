@@ -21,6 +21,7 @@ from al.config import require
 from al.data.base import DatasetError, SegmentationDataset, read_index_mask
 from al.data.folder import load_folder, read_metadata
 from al.experiment import DATA_KINDS, DataConfig
+from al.folder_lock import FolderLock
 from al.models import Segmenter, load_model
 from al.scores import entropy
 from guidedgen.components import (
@@ -230,15 +231,32 @@ def run_generation(config: GenerateConfig, state: Optional[PartialState] = None)
     """Generate (or resume) ``config.num_samples`` samples into ``config.output_dir``."""
     config.validate()
     state = state or PartialState(cpu=not torch.cuda.is_available())
-    device = state.device
     masks_dataset: SegmentationDataset = config.masks.build(config.masks_split)
     classes, ignore_index = list(masks_dataset.classes), masks_dataset.ignore_index
     units = instance_units(config, masks_dataset)  # before anything is written: an empty selection is an error
     palette = build_palette(config.palette, classes, ignore_index)
     versions = {"torch": torch.__version__, "diffusers": diffusers.__version__}
-    with state.main_process_first():  # only the main process may clear an overwritten folder
-        writer = GenerationWriter(config.output_dir, classes, palette.colours.tolist(), config.defining_config(),
-                                  ignore_index, overwrite=config.overwrite and state.is_main_process, versions=versions)
+    # One launch writes a folder: its main process holds the folder's lock for the whole run (the others
+    # of the launch write only their own shard); only the lock holder may clear or tidy the folder
+    lock = FolderLock(config.output_dir, "generated dataset")
+    try:
+        with state.main_process_first():
+            if state.is_main_process:
+                lock.acquire()
+            writer = GenerationWriter(config.output_dir, classes, palette.colours.tolist(), config.defining_config(),
+                                      ignore_index, overwrite=config.overwrite and state.is_main_process,
+                                      versions=versions, owner=state.is_main_process, own_files=[config.contact_sheet_file])
+        _write_pending(config, state, writer, masks_dataset, units, palette)
+        state.wait_for_everyone()
+    finally:
+        lock.release()
+    return Path(config.output_dir)
+
+
+def _write_pending(config: GenerateConfig, state: PartialState, writer: GenerationWriter,
+                   masks_dataset: SegmentationDataset, units: Optional[list[Instance]], palette: Palette) -> None:
+    """Generate and write this process's shard of the samples not yet written."""
+    device, classes, ignore_index = state.device, list(masks_dataset.classes), masks_dataset.ignore_index
     mine = writer.pending(shard(range(config.num_samples), state.process_index, state.num_processes))
     segmenters = [load_model(p, device) for p in config.guidance.segmenters]
     quality_path = config.quality_segmenter or (config.guidance.segmenters[0] if config.guidance.segmenters else None)
@@ -280,8 +298,6 @@ def run_generation(config: GenerateConfig, state: Optional[PartialState] = None)
                 continue
             ignore = disagree[j].cpu().numpy() if (config.ignore_disagreement and disagree is not None) else None
             writer.write(index, image, masks[j].numpy().astype(np.uint8), ignore, metadata)
-    state.wait_for_everyone()
-    return Path(config.output_dir)
 
 
 def instance_units(config: GenerateConfig, dataset: SegmentationDataset) -> Optional[list[Instance]]:

@@ -37,6 +37,7 @@ from al.config import require
 from al.data.base import SegmentationDataset
 from al.data.folder import atomic_write_bytes, load_folder, read_metadata
 from al.experiment import DataConfig
+from al.folder_lock import FolderLock
 from al.loop import ModelConfig
 from al.metrics import confusion_matrix, iou_per_class
 from al.models import Segmenter
@@ -330,7 +331,11 @@ def run_pipeline(config: PipelineConfig) -> str:
     """Run (or resume) every seed and condition; returns the markdown summary."""
     config.validate()
     output = Path(config.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
+    with FolderLock(output, "pipeline run"):  # one pipeline writes its folder
+        return _run_pipeline(config, output)
+
+
+def _run_pipeline(config: PipelineConfig, output: Path) -> str:
     log = StageLog(output / "stages.csv")
     train_set, val_set = config.data.build(config.data.train_split), config.data.build(config.data.val_split)
     ignore_index, num_classes = train_set.ignore_index, train_set.num_classes

@@ -11,6 +11,7 @@ import sys
 from al.config import ConfigError, cli_parser, load_config
 from al.data.base import DatasetError
 from al.experiment import ExperimentConfig, run_experiment
+from al.folder_lock import FolderLockedError
 from al.loop import AwaitingAnnotations, StateMismatchError
 from al.select import NotEnoughPixelsError
 
@@ -23,7 +24,7 @@ def main(argv=None) -> int:
     except AwaitingAnnotations as waiting:
         print(f"waiting: {waiting}")
         return 0
-    except (ConfigError, DatasetError, StateMismatchError, NotEnoughPixelsError) as error:
+    except (ConfigError, DatasetError, StateMismatchError, NotEnoughPixelsError, FolderLockedError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(summary)

@@ -12,6 +12,7 @@ with the same config to train on the answers and continue the loop. Binds to 127
 """
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from al.annotate.exchange import (
     import_labelstudio,
 )
 from al.annotate.session import AnnotationSession
+from al.folder_lock import FolderLock, FolderLockedError
 
 
 def main(argv=None) -> int:
@@ -38,32 +40,35 @@ def main(argv=None) -> int:
     parser.add_argument("--export-cvat", type=Path, metavar="DIR", help="write CVAT points (XML) and images, and exit")
     parser.add_argument("--import-cvat", type=Path, metavar="FILE", help="import a CVAT for images 1.1 XML and exit")
     args = parser.parse_args(argv)
-    try:
-        session = AnnotationSession(args.state)
-        if args.export_labelstudio:
-            path = export_labelstudio(session, args.export_labelstudio)
-            print(f"wrote {path} and {args.export_labelstudio / 'labelling_config.xml'}; serve "
-                  f"{args.export_labelstudio} as Label Studio local files storage")
-            return 0
-        if args.export_cvat:
-            print(f"wrote {export_cvat(session, args.export_cvat)}; upload it with the images of {args.export_cvat}")
-            return 0
-        imports = [(args.import_labelstudio, import_labelstudio), (args.import_cvat, import_cvat)]
-        for path, read in imports:
-            if path:
-                print(f"imported: {read(session, path)}; progress: "
-                      f"{session.progress()['answered']}/{session.progress()['total']}")
+    # the run's one writer while it answers: a second page, an import or the AL loop itself is refused
+    with contextlib.ExitStack() as held:
+        try:
+            if args.state.is_dir():  # (a missing run folder is explained by the session, not created)
+                held.enter_context(FolderLock(args.state, "active-learning run"))
+            session = AnnotationSession(args.state)
+            if args.export_labelstudio:
+                path = export_labelstudio(session, args.export_labelstudio)
+                print(f"wrote {path} and {args.export_labelstudio / 'labelling_config.xml'}; serve "
+                      f"{args.export_labelstudio} as Label Studio local files storage")
                 return 0
-    except (FileNotFoundError, KeyError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    app = create_app(session, args.token)
-    progress = session.progress()
-    print(f"{progress['total'] - progress['answered']} of {progress['total']} queries of {progress['tag']} pending")
-    print(f"open http://{args.host}:{args.port}/?token={app.state.token}", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+            if args.export_cvat:
+                print(f"wrote {export_cvat(session, args.export_cvat)}; upload it with the images of {args.export_cvat}")
+                return 0
+            imports = [(args.import_labelstudio, import_labelstudio), (args.import_cvat, import_cvat)]
+            for path, read in imports:
+                if path:
+                    print(f"imported: {read(session, path)}; progress: "
+                          f"{session.progress()['answered']}/{session.progress()['total']}")
+                    return 0
+        except (FolderLockedError, FileNotFoundError, KeyError, ValueError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        app = create_app(session, args.token)
+        progress = session.progress()
+        print(f"{progress['total'] - progress['answered']} of {progress['total']} queries of {progress['tag']} pending")
+        print(f"open http://{args.host}:{args.port}/?token={app.state.token}", flush=True)
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

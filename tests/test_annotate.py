@@ -185,3 +185,24 @@ def test_human_mode_refuses_the_supervised_reference(tmp_path):
                          tiny_experiment_overrides(tmp_path) + ["annotator=human"])
     with pytest.raises(ConfigError, match="supervised_reference"):
         config.validate()
+
+
+def test_one_writer_per_run_folder(waiting_run, tmp_path, capsys):
+    """An annotation page, an import or the AL loop on a run that another of them is writing is
+    refused with the folder and the holder's pid; the experiment's own folder is locked too."""
+    from al.folder_lock import FolderLock
+    from scripts.annotate import main as annotate_main
+
+    with FolderLock(waiting_run):  # as a running page (or loop) holds it
+        assert annotate_main(["--state", str(waiting_run), "--export-labelstudio", str(tmp_path / "ls")]) == 2
+        assert f"{waiting_run} (active-learning run) is being written by another process" in capsys.readouterr().err
+        with pytest.raises(OSError, match="active-learning run"):
+            run_experiment(human_config(waiting_run.parents[2]))
+    output = waiting_run.parents[2]
+    with FolderLock(output):
+        assert cli_main(["--config", "configs/al_digits.yaml", *tiny_experiment_overrides(output),
+                         "acquisitions=[entropy]", "annotator=human", "supervised_reference=false"]) == 2
+        assert "active-learning experiment" in capsys.readouterr().err
+    assert annotate_main(["--state", str(waiting_run), "--export-labelstudio", str(tmp_path / "ls")]) == 0
+    assert annotate_main(["--state", str(tmp_path / "nowhere")]) == 2
+    assert "is missing" in capsys.readouterr().err and not (tmp_path / "nowhere").exists()

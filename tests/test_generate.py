@@ -122,11 +122,64 @@ def test_kill_9_then_resume_gives_every_index_exactly_once(tmp_path, segmenter_d
     assert 2 <= killed_at < 8
     assert generate_main(["--config", str(ROOT / "configs/demo.yaml"),
                           *overrides(tmp_path, segmenter_dir, num_samples=8, batch_size=1, contact_sheet_samples=0)]) == 0
+    stale = tmp_path / "masks" / ".000007.png.tmp-999999"  # what a kill inside a PNG write leaves
+    stale.write_bytes(b"half a png")
+    assert generate_main(["--config", str(ROOT / "configs/demo.yaml"),
+                          *overrides(tmp_path, segmenter_dir, num_samples=8, batch_size=1, contact_sheet_samples=0)]) == 0
+    assert not stale.exists()  # the resumed run, the folder's one writer, clears its staging files
     ids = [r["id"] for r in read_metadata(tmp_path)]
     lines = metadata.read_text().splitlines()
     assert sorted(ids) == [f"{i:06d}" for i in range(8)] and len(lines) == 8
     assert len(dataset_arrays(tmp_path)) == 8  # every file readable
     assert not list(tmp_path.rglob(".*tmp*"))
+
+
+def test_a_second_writer_is_refused_while_the_first_holds_the_folder(tmp_path, segmenter_dir, capsys):
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom al.folder_lock import FolderLock\n"
+                               "FolderLock(sys.argv[1]).acquire()\nprint('held', flush=True)\ntime.sleep(300)", str(tmp_path)],
+                              cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, text=True)
+    args = ["--config", str(ROOT / "configs/demo.yaml"), *overrides(tmp_path, segmenter_dir, num_samples=1)]
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert generate_main(args) == 2
+        err = capsys.readouterr().err
+        assert str(tmp_path) in err and f"pid {holder.pid}" in err
+        assert not (tmp_path / "dataset.json").exists()  # refused before anything was read or written
+    finally:
+        holder.kill()
+        holder.wait()
+    assert generate_main(args) == 0  # the OS dropped the killed holder's lock
+
+
+def test_overwrite_replaces_only_what_the_generator_wrote(tmp_path, segmenter_dir, capsys):
+    def generate(folder, **extra):
+        return generate_main(["--config", str(ROOT / "configs/demo.yaml"), *overrides(folder, segmenter_dir, **extra)])
+
+    hand = tmp_path / "hand"  # a dataset made by hand, with a file of the user's
+    hand.mkdir()
+    (hand / "dataset.json").write_text('{"classes": ["a", "b"]}')
+    (hand / "notes.txt").write_text("mine")
+    assert generate(hand, overwrite="true") == 2
+    assert "did not write" in capsys.readouterr().err
+    assert (hand / "notes.txt").read_text() == "mine" and (hand / "dataset.json").read_text() == '{"classes": ["a", "b"]}'
+    photos = tmp_path / "photos"  # not a dataset at all
+    photos.mkdir()
+    (photos / "cat.png").write_bytes(b"not ours")
+    assert generate(photos) == 2
+    assert "cat.png" in capsys.readouterr().err and (photos / "cat.png").read_bytes() == b"not ours"
+    assert sorted(p.name for p in photos.iterdir()) == ["cat.png"]
+
+    ours = tmp_path / "ours"
+    assert generate(ours, num_samples=2) == 0
+    (ours / "images" / "mine.png").write_bytes(b"a file of the user's")
+    assert generate(ours, num_samples=1, seed=9, overwrite="true") == 2
+    assert "images/mine.png" in capsys.readouterr().err
+    assert [r["seed"] for r in read_metadata(ours)] == [sample_seed(0, 0), sample_seed(0, 1)]  # nothing deleted
+    (ours / "images" / "mine.png").unlink()
+    assert generate(ours, num_samples=1, seed=9, overwrite="true") == 0
+    assert [r["seed"] for r in read_metadata(ours)] == [sample_seed(9, 0)]
+    assert sorted(p.name for p in (ours / "images").iterdir()) == ["000000.png"]  # the old 000001 went with its dataset
+    assert (ours / "contact_sheet.png").exists()
 
 
 def test_two_processes_write_the_same_dataset_as_one(tmp_path, segmenter_dir):

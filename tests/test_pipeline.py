@@ -57,6 +57,15 @@ def test_paired_changes_are_per_seed_differences_and_the_summary_shows_them(tmp_
     assert "| +2.0 ± 0.0 (+2.0) |" in filtered  # against unguided filtered, not unguided
 
 
+def test_a_second_pipeline_on_one_folder_is_refused(tmp_path, capsys):
+    from al.folder_lock import FolderLock
+
+    with FolderLock(tmp_path):
+        assert cli_main(["--config", "configs/pipeline_digits.yaml", f"output_dir={tmp_path}", *TINY]) == 2
+    assert f"{tmp_path} (pipeline run) is being written by another process" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # refused before anything was written
+
+
 def test_pipeline_explains_bad_conditions(tmp_path, capsys):
     assert cli_main(["--config", "configs/pipeline_digits.yaml", f"output_dir={tmp_path}", "conditions=[glow]"]) == 2
     assert "'conditions' = 'glow'" in capsys.readouterr().err

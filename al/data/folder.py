@@ -23,11 +23,13 @@ from al.data.base import DatasetError, FileDataset, check_pair, read_index_mask
 
 DATASET_JSON = "dataset.json"
 METADATA_JSONL = "metadata.jsonl"
+SAMPLE_FOLDERS = ("images", "masks", "ignore")
+TMP_MARK = ".tmp-"
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary name in the same folder, fsync, then rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_name(path)
     with open(tmp, "wb") as handle:
         handle.write(data)
         handle.flush()
@@ -35,8 +37,28 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def temporary_name(path: Path) -> Path:
+    """Where an atomic write stages ``path`` (``.<name>.tmp-<pid>`` beside it)."""
+    return path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
+
+
+def is_temporary(path: Path) -> bool:
+    return path.name.startswith(".") and TMP_MARK in path.name
+
+
+def remove_stale_temporaries(root: Path) -> list[Path]:
+    """Delete the staging files that writes killed mid-way left in ``root`` and its sample folders;
+    returns them. Only the folder's one writer (its lock holder) may call this: any other writer's
+    staging file would be in flight."""
+    stale = [p for folder in (root, *(root / sub for sub in SAMPLE_FOLDERS)) if folder.is_dir()
+             for p in folder.iterdir() if is_temporary(p)]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def atomic_save_png(array: np.ndarray, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_name(path)
     Image.fromarray(array).save(tmp, format="PNG")
     os.replace(tmp, path)
 
