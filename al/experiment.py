@@ -27,7 +27,6 @@ from al.config import require
 from al.data import LAYOUTS, DigitScenesConfig, digit_scenes, load_folder
 from al.data.base import SegmentationDataset
 from al.data.folder import atomic_write_bytes
-from al.folder_lock import FolderLock
 from al.labels import SparseLabels
 from al.loop import (
     LEARNERS,
@@ -35,6 +34,7 @@ from al.loop import (
     GroundTruthOracle,
     HumanOracle,
     LoopConfig,
+    StateMismatchError,
 )
 from al.models import load_model
 from al.plots import plot_learning_curves, plot_uncertainty_maps
@@ -250,6 +250,21 @@ def _init_worker(workers: int) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
+def _claim_data(path: Path, data: dict) -> None:
+    """Record a run's data config, or refuse to resume a run that was made on other data (the
+    loop's fingerprint covers the loop's settings only)."""
+    if path.exists():
+        recorded = {**asdict(DataConfig()), **json.loads(path.read_text())}  # fields added since: their defaults
+        differing = sorted(k for k in {*recorded, *data} if recorded.get(k) != data.get(k))
+        if differing:
+            raise StateMismatchError(
+                f"{path.parent} holds a run on other data (data.{', data.'.join(differing)}: "
+                f"{', '.join(repr(recorded.get(k)) for k in differing)} there, "
+                f"{', '.join(repr(data.get(k)) for k in differing)} now); use another output_dir")
+        return
+    atomic_write_bytes(path, json.dumps(data, indent=2).encode())
+
+
 def _run_task(config: ExperimentConfig, task: tuple[str, int], train_set: Optional[SegmentationDataset] = None,
               val_set: Optional[SegmentationDataset] = None) -> Optional[float]:
     """One unit of an experiment: the supervised reference of a seed (returns its mIoU), or one
@@ -262,7 +277,7 @@ def _run_task(config: ExperimentConfig, task: tuple[str, int], train_set: Option
         return supervised_reference(config, train_set, val_set, seed, device)
     state_dir = run_dir(Path(config.output_dir), name, seed)
     state_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(state_dir / DATA_CONFIG_NAME, json.dumps(asdict(config.data), indent=2).encode())
+    _claim_data(state_dir / DATA_CONFIG_NAME, asdict(config.data))
     oracle = HumanOracle(train_set.image_shapes()) if config.annotator == "human" else GroundTruthOracle(train_set)
     loop = ActiveLearningLoop(config.loop, name, seed, train_set, val_set, state_dir, oracle,
                               device=device, progress=config.progress and config.workers == 1,
@@ -277,11 +292,9 @@ def run_experiment(config: ExperimentConfig) -> str:
     :class:`al.loop.AwaitingAnnotations` whenever queries wait for a person."""
     config.validate()
     output_dir, device = Path(config.output_dir), config.resolved_device()
-    with FolderLock(output_dir, "active-learning experiment"):  # one experiment writes its folder
-        return _run_experiment(config, output_dir, device)
-
-
-def _run_experiment(config: ExperimentConfig, output_dir: Path, device) -> str:
+    # Several processes may share output_dir, one acquisition each (each run's folder is locked by
+    # its loop; the shared files are written whole, atomically)
+    output_dir.mkdir(parents=True, exist_ok=True)
     train_set, val_set = config.data.build(config.data.train_split), config.data.build(config.data.val_split)
     references = {}
     tasks = ([("supervised", seed) for seed in config.seeds] if config.supervised_reference else [])

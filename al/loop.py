@@ -16,7 +16,7 @@ from typing import Optional, Protocol, Union
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from al.acquisition import ACQUISITIONS, get_acquisition, pool_predictions
@@ -354,46 +354,55 @@ class ActiveLearningLoop:
         """Score the pool and query pixels: n per image by the selection rule (pixel-level
         acquisitions), or the cycle's budget spread over the best-scored images (image-level)."""
         tag = f"cycle{cycle}"
-        generator = _derived_generator(self.device, self.seed, self.acquisition, cycle)
-        # selection runs on CPU maps: its own CPU generator keeps runs reproducible on CUDA too
-        rule_generator = _derived_generator(torch.device("cpu"), self.seed, self.acquisition, cycle, "select")
         if self.spec.level == "image":
-            self._acquire_images(model, tag, generator, rule_generator)
+            self._acquire_images(model, tag, cycle)
             return
-        pending = [i for i in self.train_set.ids if not self.labels.has_tag(i, tag)]
-        for ids, scores in self._score(model, pending, generator):
+        for ids, scores in self._score(model, self.train_set.ids, cycle, skip=tag):
             by_id = dict(zip(ids, scores))
 
             def choose(image_id: str, available: Tensor) -> Tensor:
-                return self.rule(by_id[image_id], available, self.config.pixels_per_image, rule_generator)
+                return self.rule(by_id[image_id], available, self.config.pixels_per_image,
+                                 self._select_generator(cycle, image_id))
 
             self._query(tag, choose, ids)
 
-    def _score(self, model: nn.Module, image_ids: list[str], generator: torch.Generator):
-        """Yield ``(ids, scores)`` batch by batch; a Subset streams the images instead of holding
-        them all at once."""
-        subset = Subset(self.train_set, [self.train_set.index_of(i) for i in image_ids])
-        loader = DataLoader(subset, batch_size=self.config.inference_batch_size, collate_fn=collate_samples)
-        for batch in tqdm(loader, desc=f"acquire {self.acquisition}", disable=not self.progress, leave=False):
+    # Every random draw of an acquisition is keyed by (seed, acquisition, cycle) and the batch or
+    # image it serves, never by what ran before it in this process: a run resumed mid-acquisition
+    # draws what the uninterrupted run drew. Selection draws on CPU, so CUDA runs draw the same.
+    def _select_generator(self, cycle: int, image_id: str) -> torch.Generator:
+        return _derived_generator(torch.device("cpu"), self.seed, self.acquisition, cycle, "select", image_id)
+
+    def _score(self, model: nn.Module, image_ids: list[str], cycle: int, skip: Optional[str] = None):
+        """Yield ``(ids, scores)`` batch by batch over ``image_ids`` in fixed batches (a batch whose
+        images are all queried under ``skip`` is not scored), reading the images batch by batch
+        instead of holding them all at once. A batch's MC dropout draws come from its own generator."""
+        size = self.config.inference_batch_size
+        for start in tqdm(range(0, len(image_ids), size), desc=f"acquire {self.acquisition}", disable=not self.progress,
+                          leave=False):
+            ids = image_ids[start:start + size]
+            if skip is not None and all(self.labels.has_tag(i, skip) for i in ids):
+                continue
+            generator = _derived_generator(self.device, self.seed, self.acquisition, cycle, "batch", start)
+            batch = collate_samples([self.train_set[self.train_set.index_of(i)] for i in ids])
             predictions = pool_predictions(model, batch["image"].to(self.device), self.config.mc_samples, generator,
                                            self.config.mc_at_decoder_resolution)
             yield batch["id"], self.spec.score(predictions, generator).cpu()
 
-    def _acquire_images(self, model: nn.Module, tag: str, generator: torch.Generator,
-                        rule_generator: torch.Generator) -> None:
+    def _acquire_images(self, model: nn.Module, tag: str, cycle: int) -> None:
         """DEAL's image-level rules: rank a random ``deal.pool_fraction`` of the pool and label
         random pixels of the best ``deal.image_share`` of it, as many as a pixel-level cycle."""
         deal, ids = self.config.deal, self.train_set.ids
-        sampled = torch.randperm(len(ids), generator=rule_generator)[:max(1, round(deal.pool_fraction * len(ids)))]
+        pool_generator = _derived_generator(torch.device("cpu"), self.seed, self.acquisition, cycle, "pool")
+        sampled = torch.randperm(len(ids), generator=pool_generator)[:max(1, round(deal.pool_fraction * len(ids)))]
         candidates = [ids[i] for i in sorted(sampled.tolist())]
-        scores = torch.cat([batch_scores for _, batch_scores in self._score(model, candidates, generator)])
+        scores = torch.cat([batch_scores for _, batch_scores in self._score(model, candidates, cycle)])
         count = min(len(candidates), max(1, round(deal.image_share * len(ids))))
         chosen = [candidates[i] for i in scores.topk(count).indices.tolist()]
         per_image = -(-self.config.pixels_per_image * len(ids) // count)
 
         def choose(image_id: str, available: Tensor) -> Tensor:
-            return top_n(torch.rand(available.shape, generator=rule_generator), available,
-                         min(per_image, int(available.sum())))
+            draws = torch.rand(available.shape, generator=self._select_generator(cycle, image_id))
+            return top_n(draws, available, min(per_image, int(available.sum())))
 
         self._query(tag, choose, chosen)
 

@@ -263,3 +263,69 @@ def test_mc_at_decoder_resolution_reaches_pool_scoring_and_only_then_enters_the_
     assert config.fingerprint("entropy", 0) != tiny_loop_config(cycles=1).fingerprint("entropy", 0)
     # the default leaves earlier runs' fingerprints as they were (computed before the key existed)
     assert tiny_loop_config(cycles=1).fingerprint("entropy", 0) == "5ae69f5cc9f34b84"
+
+
+# A run killed with SIGKILL at a chosen point: the wrapper patches one step to kill its own process
+# on its n-th call, then runs the CLI (a real kill -9: nothing is flushed or cleaned up).
+KILL_AT = """
+import os, signal, sys
+import {module} as target
+original, calls = target.{owner}.{name}, [0]
+def dying(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == {n}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(*args, **kwargs)
+target.{owner}.{name} = dying
+from scripts.active_learning import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def run_labels(output, acquisition="balent"):
+    """Every journal record of the run's queries and labels, per (tag, image): coords and classes."""
+    from al.labels import SparseLabels
+
+    config = load_config(ExperimentConfig, "configs/al_digits.yaml", tiny_experiment_overrides(output))
+    train = config.data.build(config.data.train_split)
+    labels = SparseLabels(output / "runs" / acquisition / "seed_0" / "labels", train.image_shapes(), train.num_classes)
+    return {(tag, image_id): (labels.queried(image_id, tag), sorted(labels.pixels(image_id).items()))
+            for tag in labels.query_tags() for image_id in labels.query_images(tag)}
+
+
+def curve(output):
+    return [(r["acquisition"], r["cycle"], r["labelled_pixels"], r["miou"]) for r in csv.DictReader(open(output / "curve.csv"))]
+
+
+@pytest.mark.parametrize("module,owner,name,n", [
+    ("al.labels", "SparseLabels", "query", 8),  # mid-acquisition: cycle 0's third image (6 initial queries)
+    ("al.loop", "ActiveLearningLoop", "train_model", 2),  # mid-training of cycle 2
+    ("al.loop", "ActiveLearningLoop", "_save_state", 4),  # between cycles: cycle 1 trained, its queries not made
+])
+def test_a_run_killed_and_resumed_equals_the_uninterrupted_run(tmp_path, module, owner, name, n):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    extra = ["loop.cycles=2", "loop.selection=pixelpick", "acquisitions=[balent]", "supervised_reference=false"]
+    args = lambda out: ["--config", "configs/al_digits.yaml", *tiny_experiment_overrides(out), *extra]  # noqa: E731
+    assert cli_main(args(tmp_path / "whole")) == 0
+    killed = subprocess.run([sys.executable, "-c", KILL_AT.format(module=module, owner=owner, name=name, n=n),
+                             *args(tmp_path / "killed")], cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert cli_main(args(tmp_path / "killed")) == 0
+    assert run_labels(tmp_path / "killed") == run_labels(tmp_path / "whole")
+    assert curve(tmp_path / "killed") == curve(tmp_path / "whole")
+
+
+def test_a_run_on_other_data_is_refused(tmp_path, capsys):
+    args = ["--config", "configs/al_digits.yaml", *tiny_experiment_overrides(tmp_path), "acquisitions=[random]",
+            "supervised_reference=false", "loop.cycles=0"]
+    assert cli_main(args) == 0
+    assert cli_main(args + ["data.seed=7"]) == 2
+    assert "holds a run on other data (data.seed: 0 there, 7 now)" in capsys.readouterr().err
+    assert cli_main(args) == 0  # the run itself still resumes
