@@ -115,12 +115,14 @@ class ExperimentConfig:
         require(self.loop.pixels_per_image >= 1, "loop.pixels_per_image", self.loop.pixels_per_image, "an integer >= 1")
         require(self.loop.cycles >= 0, "loop.cycles", self.loop.cycles, "an integer >= 0")
         require(self.loop.mc_samples >= 2, "loop.mc_samples", self.loop.mc_samples, "an integer >= 2 (BalEnt and BALD need a variance)")
-        require(self.loop.train.epochs >= 1, "loop.train.epochs", self.loop.train.epochs, "an integer >= 1")
+        self.loop.train.validate("loop.train")
+        self.loop.model.validate("loop.model")
+        require(self.device in ("auto", "cpu") or (self.device.startswith("cuda") and torch.cuda.is_available()),
+                "device", self.device, "'auto', 'cpu' or 'cuda[:n]' on a machine with a CUDA GPU (none is visible)")
         require(not self.loop.warm_start or self.loop.learner == "segmenter", "loop.warm_start", self.loop.warm_start,
                 "false with loop.learner=diffusion_features (its ensemble is refitted every cycle)")
         require(self.loop.warm_start_epochs is None or self.loop.warm_start_epochs >= 1, "loop.warm_start_epochs",
                 self.loop.warm_start_epochs, "null or an integer >= 1")
-        require(0.0 <= self.loop.model.dropout < 1.0, "loop.model.dropout", self.loop.model.dropout, "a float in [0, 1)")
         require(self.data.kind in DATA_KINDS and self.data.kind != "masks", "data.kind", self.data.kind,
                 f"one of {[k for k in DATA_KINDS if k != 'masks']} (active learning needs images)")
         require(self.data.kind == "digitscenes" or self.data.root is not None, "data.root", self.data.root,
@@ -135,7 +137,6 @@ class ExperimentConfig:
                 "1 with annotator=human (the annotation page answers one run at a time)")
         require(self.annotator == "oracle" or not self.supervised_reference, "supervised_reference",
                 self.supervised_reference, "false with annotator=human (it reads every training mask)")
-        require(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "device", self.device, "auto, cpu or cuda[:i]")
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":

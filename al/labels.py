@@ -29,6 +29,15 @@ def _encode(record: dict) -> bytes:
     return f"{zlib.crc32(payload.encode()):08x} {payload}\n".encode()
 
 
+def _integers(values, what: str) -> np.ndarray:
+    """``values`` as int64, refusing booleans and fractional numbers instead of truncating them."""
+    tensor = torch.as_tensor(values).cpu()
+    if tensor.dtype == torch.bool or tensor.is_complex() or (tensor.is_floating_point() and
+                                                           not torch.equal(tensor, tensor.round())):
+        raise ValueError(f"{what} must be integers, got {tensor.dtype} values {tensor.flatten()[:4].tolist()}")
+    return tensor.numpy().astype(np.int64)
+
+
 def _decode(line: bytes) -> Optional[dict]:
     """The record of a complete line, or None if the line is damaged."""
     if not line.endswith(b"\n"):
@@ -87,6 +96,11 @@ class SparseLabels:
                     f"it is not the last line, so this is not a crash artefact. Restore the file "
                     f"from a backup or delete the damaged line by hand."
                 )
+            problem = self._check(record)
+            if problem:
+                raise JournalCorruptError(
+                    f"{self.path}: line {number} of {len(lines)} has a valid checksum but {problem}: the journal "
+                    f"belongs to another dataset or was edited. Use the run's own dataset, or restore the file.")
             self._apply(record)
             good_bytes += len(line)
         if good_bytes < self.path.stat().st_size:
@@ -94,6 +108,21 @@ class SparseLabels:
                 handle.truncate(good_bytes)
                 handle.flush()
                 os.fsync(handle.fileno())
+
+    def _check(self, record: dict) -> Optional[str]:
+        """What is wrong with a replayed record for this store's images and classes, or None."""
+        image_id = record.get("image")
+        if image_id not in self.image_shapes:
+            return f"names image {image_id!r}, which is not in this dataset"
+        height, width = self.image_shapes[image_id]
+        points = [p[:2] for p in record.get("pixels", ())] + list(record.get("remove", ())) + list(record.get("query", ()))
+        for row, col in points:
+            if not (isinstance(row, int) and isinstance(col, int) and 0 <= row < height and 0 <= col < width):
+                return f"holds pixel ({row}, {col}), outside image {image_id!r} of size {height}x{width}"
+        for *_, cls in record.get("pixels", ()):
+            if not (isinstance(cls, int) and (0 <= cls < self.num_classes or cls == self.void_index)):
+                return f"labels a pixel of {image_id!r} with {cls!r}, not a class id (0..{self.num_classes - 1}) nor void"
+        return None
 
     def _apply(self, record: dict) -> None:
         image_id, tag = record["image"], record.get("tag")
@@ -121,7 +150,7 @@ class SparseLabels:
         if image_id not in self.image_shapes:
             raise KeyError(f"unknown image id {image_id!r}: it is not in this label store's dataset")
         height, width = self.image_shapes[image_id]
-        coords = np.asarray(torch.as_tensor(coords).cpu(), dtype=np.int64).reshape(-1, 2)
+        coords = _integers(coords, "pixel coordinates").reshape(-1, 2)
         outside = coords[(coords[:, 0] < 0) | (coords[:, 0] >= height) | (coords[:, 1] < 0) | (coords[:, 1] >= width)]
         if len(outside):
             row, col = outside[0].tolist()
@@ -137,12 +166,15 @@ class SparseLabels:
         returns, they are on disk. ``tag`` (e.g. the AL cycle) is stored with the record.
         """
         coords = self._coords(image_id, coords)
-        classes = np.asarray(torch.as_tensor(classes).cpu(), dtype=np.int64).reshape(-1)
+        classes = _integers(classes, "classes").reshape(-1)
         if len(coords) != len(classes):
             raise ValueError(f"{len(coords)} coordinates but {len(classes)} classes")
         existing = self._labels.get(image_id, {})
-        new = []
+        new, given = [], {}
         for (row, col), cls in zip(coords.tolist(), classes.tolist()):
+            if given.setdefault((row, col), cls) != cls:
+                raise ValueError(f"pixel ({row}, {col}) of {image_id!r} is given two classes in one call: "
+                                 f"{given[(row, col)]} and {cls}")
             if not (0 <= cls < self.num_classes or cls == self.void_index):
                 raise ValueError(
                     f"class {cls} for image {image_id!r} is not a class id (0..{self.num_classes - 1}) "

@@ -20,12 +20,13 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from al.acquisition import ACQUISITIONS, get_acquisition, pool_predictions
+from al.config import require
 from al.data.base import DatasetError, SegmentationDataset
 from al.data.folder import atomic_write_bytes, load_folder
 from al.diffusion_features import DiffusionFeaturesConfig, DiffusionFeatureSegmenter
 from al.folder_lock import FolderLock
 from al.labels import SparseLabels
-from al.models import Segmenter, build_segmenter, load_model
+from al.models import ARCHITECTURES, Segmenter, build_segmenter, is_encoder, load_model
 from al.select import NotEnoughPixelsError, get_rule, top_n
 from al.train import (
     DenseTargetDataset,
@@ -46,6 +47,18 @@ class ModelConfig:
     encoder_weights: Optional[str] = None
     encoder_depth: int = 4
     decoder_channels: Optional[list[int]] = field(default_factory=lambda: [64, 32, 16, 16])
+
+    def validate(self, prefix: str = "model") -> None:
+        """The architecture, encoder and shape settings, checked before anything is built."""
+        require(self.arch.lower() in ARCHITECTURES, f"{prefix}.arch", self.arch, f"one of {sorted(ARCHITECTURES)}")
+        require(is_encoder(self.encoder), f"{prefix}.encoder", self.encoder,
+                "an smp encoder name or 'tu-<timm model>' (smp.encoders.get_encoder_names(), timm.list_models())")
+        require(0.0 <= self.dropout < 1.0, f"{prefix}.dropout", self.dropout, "a number in [0, 1)")
+        require(1 <= self.encoder_depth <= 5, f"{prefix}.encoder_depth", self.encoder_depth, "an integer in [1, 5]")
+        require(self.decoder_channels is None or (len(self.decoder_channels) == self.encoder_depth
+                                                  and min(self.decoder_channels) >= 1),
+                f"{prefix}.decoder_channels", self.decoder_channels,
+                f"null or {self.encoder_depth} positive integers (one per encoder stage)")
 
     def build(self, num_classes: int, difficulty_size: Optional[tuple[int, int]] = None) -> Segmenter:
         decoder = tuple(self.decoder_channels) if self.decoder_channels is not None else None

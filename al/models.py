@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 import segmentation_models_pytorch as smp
+import timm
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -263,6 +264,11 @@ def _drop_unused_blocks(encoder: Optional[nn.Module]) -> None:
     blocks, info = getattr(encoder, "blocks", None), getattr(encoder, "feature_info", None)
     if isinstance(blocks, nn.Sequential) and info is not None and getattr(encoder, "feature_hooks", True) is None:
         encoder.blocks = blocks[: max(f["stage"] for f in info.get_dicts())]  # stage s is blocks[s - 1]'s output
+
+
+def is_encoder(name: str) -> bool:
+    """Whether smp can build encoder ``name``: one of its own, or ``tu-<a timm model>``."""
+    return name in smp.encoders.get_encoder_names() or (name.startswith("tu-") and timm.is_model(name[3:]))
 
 
 def build_segmenter(

@@ -4,6 +4,7 @@ validation set."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
@@ -23,6 +24,7 @@ from al.metrics import SegmentationScores, confusion_matrix
 from al.models import Segmenter
 
 LR_SCHEDULES = ("constant", "cosine")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
 
 
 @dataclass
@@ -36,6 +38,16 @@ class TrainConfig:
     lr_schedule: str = "constant"
     mixed_precision: str = "no"  # accelerate: "no", "fp16", "bf16"
     seed: int = 0
+
+    def validate(self, prefix: str = "train") -> None:
+        require(self.epochs >= 1, f"{prefix}.epochs", self.epochs, "an integer >= 1")
+        require(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, "an integer >= 1")
+        require(math.isfinite(self.lr) and self.lr > 0, f"{prefix}.lr", self.lr, "a finite number > 0")
+        require(math.isfinite(self.weight_decay) and self.weight_decay >= 0, f"{prefix}.weight_decay",
+                self.weight_decay, "a finite number >= 0")
+        require(self.lr_schedule in LR_SCHEDULES, f"{prefix}.lr_schedule", self.lr_schedule, f"one of {LR_SCHEDULES}")
+        require(self.mixed_precision in MIXED_PRECISIONS, f"{prefix}.mixed_precision", self.mixed_precision,
+                f"one of {MIXED_PRECISIONS} (accelerate's)")
 
 
 @dataclass
@@ -152,6 +164,7 @@ def train_segmenter(
     :class:`TrainingSource` s; returns the loss per epoch. A segmenter with DEAL's difficulty
     branch also learns it: its weighted BCE against the segmenter's own errors on the labelled
     pixels is added to the loss (``al.deal.difficulty_loss``)."""
+    config.validate()
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.mixed_precision)
     generator = torch.Generator().manual_seed(config.seed)
     sources = list(train_set) if isinstance(train_set, (list, tuple)) else [TrainingSource(train_set)]
@@ -161,7 +174,6 @@ def train_segmenter(
                             generator=generator)
     else:
         loader = _mixed_loader(sources, config.batch_size, generator)
-    require(config.lr_schedule in LR_SCHEDULES, "train.lr_schedule", config.lr_schedule, f"one of {LR_SCHEDULES}")
     optimizer = torch.optim.Adam(model.optimizer_groups(config.lr), lr=config.lr, weight_decay=config.weight_decay)
     schedule = get_scheduler(config.lr_schedule, optimizer, num_warmup_steps=0,
                              num_training_steps=config.epochs * len(loader))

@@ -7,6 +7,7 @@ each process writes only its own finished samples, and a re-run resumes.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -17,7 +18,7 @@ import torch
 from accelerate import PartialState
 from tqdm.auto import tqdm
 
-from al.config import require
+from al.config import ConfigError, require
 from al.data.base import DatasetError, SegmentationDataset, read_index_mask
 from al.data.folder import load_folder, read_metadata
 from al.experiment import DATA_KINDS, DataConfig
@@ -129,7 +130,12 @@ class GenerateConfig:
         require(self.num_inference_steps >= 1, "num_inference_steps", self.num_inference_steps, "an integer >= 1")
         require(self.guidance.objective is None or self.guidance.objective in OBJECTIVES, "guidance.objective",
                 self.guidance.objective, f"null or one of {sorted(OBJECTIVES)}")
-        require(self.guidance.strength >= 0, "guidance.strength", self.guidance.strength, "a number >= 0 (0 = unguided)")
+        require(math.isfinite(self.guidance.strength) and self.guidance.strength >= 0, "guidance.strength",
+                self.guidance.strength, "a finite number >= 0 (0 = unguided)")
+        try:  # the schedule checks its own window, step, normalisation and clip
+            self.guidance.schedule()
+        except ValueError as error:
+            raise ConfigError(f"config key 'guidance': {error}") from None
         require(self.guidance.gradient_path in GRADIENT_PATHS, "guidance.gradient_path", self.guidance.gradient_path,
                 f"one of {GRADIENT_PATHS}")
         require(isinstance(self.guidance.decode_downsample, int) and self.guidance.decode_downsample >= 1,
@@ -236,6 +242,13 @@ def run_generation(config: GenerateConfig, state: Optional[PartialState] = None)
     units = instance_units(config, masks_dataset)  # before anything is written: an empty selection is an error
     palette = build_palette(config.palette, classes, ignore_index)
     versions = {"torch": torch.__version__, "diffusers": diffusers.__version__}
+    segmenters = [load_model(p, state.device) for p in config.guidance.segmenters]
+    quality_path = config.quality_segmenter or (config.guidance.segmenters[0] if config.guidance.segmenters else None)
+    quality_model = load_model(quality_path, state.device) if quality_path else None
+    for path, model in zip([*config.guidance.segmenters, quality_path], [*segmenters, quality_model]):
+        require(model is None or model.num_classes == len(classes),
+                "quality_segmenter" if path == config.quality_segmenter else "guidance.segmenters", path,
+                f"a segmenter of the masks' {len(classes)} classes {classes} (it predicts {getattr(model, 'num_classes', '?')})")
     # One launch writes a folder: its main process holds the folder's lock for the whole run (the others
     # of the launch write only their own shard); only the lock holder may clear or tidy the folder
     lock = FolderLock(config.output_dir, "generated dataset")
@@ -246,7 +259,7 @@ def run_generation(config: GenerateConfig, state: Optional[PartialState] = None)
             writer = GenerationWriter(config.output_dir, classes, palette.colours.tolist(), config.defining_config(),
                                       ignore_index, overwrite=config.overwrite and state.is_main_process,
                                       versions=versions, owner=state.is_main_process, own_files=[config.contact_sheet_file])
-        _write_pending(config, state, writer, masks_dataset, units, palette)
+        _write_pending(config, state, writer, masks_dataset, units, palette, segmenters, quality_model)
         state.wait_for_everyone()
     finally:
         lock.release()
@@ -254,13 +267,11 @@ def run_generation(config: GenerateConfig, state: Optional[PartialState] = None)
 
 
 def _write_pending(config: GenerateConfig, state: PartialState, writer: GenerationWriter,
-                   masks_dataset: SegmentationDataset, units: Optional[list[Instance]], palette: Palette) -> None:
+                   masks_dataset: SegmentationDataset, units: Optional[list[Instance]], palette: Palette,
+                   segmenters: list, quality_model) -> None:
     """Generate and write this process's shard of the samples not yet written."""
     device, classes, ignore_index = state.device, list(masks_dataset.classes), masks_dataset.ignore_index
     mine = writer.pending(shard(range(config.num_samples), state.process_index, state.num_processes))
-    segmenters = [load_model(p, device) for p in config.guidance.segmenters]
-    quality_path = config.quality_segmenter or (config.guidance.segmenters[0] if config.guidance.segmenters else None)
-    quality_model = load_model(quality_path, device) if quality_path else None
     sampler = build_sampler(config, build_components(config, device), palette, segmenters, ignore_index)
     batches = [mine[i:i + config.batch_size] for i in range(0, len(mine), config.batch_size)]
     for batch in tqdm(batches, desc=f"generate (process {state.process_index})", disable=not config.progress):

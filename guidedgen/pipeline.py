@@ -113,6 +113,8 @@ class PipelineConfig:
     progress: bool = True
 
     def validate(self) -> None:
+        self.train.validate("train")
+        self.model.validate("model")
         for condition in self.conditions:
             require(condition == UNGUIDED or condition in OBJECTIVES or condition in self.variants, "conditions", condition,
                     f"{UNGUIDED!r}, one of {sorted(OBJECTIVES)} or a name in variants {sorted(self.variants)}")

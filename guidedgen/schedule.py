@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -39,8 +40,10 @@ class GuidanceSchedule:
             raise ValueError(f"guidance normalize={self.normalize!r}; choose one of {NORMALISATIONS}")
         if self.decay not in ("constant", "linear"):
             raise ValueError(f"guidance decay={self.decay!r}; choose 'constant' or 'linear'")
-        if self.strength < 0:
-            raise ValueError(f"guidance strength={self.strength}; must be >= 0 (0 = unguided)")
+        if not (math.isfinite(self.strength) and self.strength >= 0):
+            raise ValueError(f"guidance strength={self.strength}; must be a finite number >= 0 (0 = unguided)")
+        if self.clip is not None and not (math.isfinite(self.clip) and self.clip > 0):
+            raise ValueError(f"guidance clip={self.clip}; must be null (no clipping) or a finite number > 0")
 
     def _window(self, num_steps: int) -> tuple[int, int]:
         return round(self.start * num_steps), round(self.end * num_steps)

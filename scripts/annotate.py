@@ -27,6 +27,7 @@ from al.annotate.exchange import (
 )
 from al.annotate.session import AnnotationSession
 from al.folder_lock import FolderLock, FolderLockedError
+from al.labels import JournalCorruptError
 
 
 def main(argv=None) -> int:
@@ -60,7 +61,7 @@ def main(argv=None) -> int:
                     print(f"imported: {read(session, path)}; progress: "
                           f"{session.progress()['answered']}/{session.progress()['total']}")
                     return 0
-        except (FolderLockedError, FileNotFoundError, KeyError, ValueError) as error:
+        except (FolderLockedError, JournalCorruptError, FileNotFoundError, KeyError, ValueError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
         app = create_app(session, args.token)

@@ -14,7 +14,9 @@ import torch
 
 from al.config import ConfigError, cli_parser, load_config
 from al.data.base import DatasetError
+from al.data.folder import atomic_write_bytes
 from al.experiment import DataConfig
+from al.folder_lock import FolderLock
 from al.loop import ModelConfig
 from al.train import DenseTargetDataset, TrainConfig, evaluate, train_segmenter
 
@@ -33,25 +35,37 @@ def main(argv=None) -> int:
     args = cli_parser(__doc__).parse_args(argv)
     try:
         config = load_config(TrainSegmenterConfig, args.config, args.overrides)
+        config.train.validate("train")
+        config.model.validate("model")
         output = Path(config.output_dir)
-        record = output / "training.json"
-        if record.exists() and json.loads(record.read_text())["config"] == asdict(config):
-            print(f"{output} already holds this segmenter: {record.read_text()}")
-            return 0
-        train_set, val_set = config.data.build(config.data.train_split), config.data.build(config.data.val_split)
-        torch.manual_seed(config.seed)
-        model = config.model.build(train_set.num_classes)
-        result = train_segmenter(model, DenseTargetDataset(train_set), config.train, train_set.ignore_index,
-                                 progress=config.progress)
-        scores = evaluate(model, val_set)
-        model.save_pretrained(output)
-        record.write_text(json.dumps({"config": asdict(config), "val_miou": scores.miou, "losses": result.losses}, indent=2))
+        # the folder's one writer, taken before training: an unwritable output_dir fails here, not after
+        with FolderLock(output, "segmenter folder"):
+            record = output / "training.json"
+            if record.exists() and read_record(record)["config"] == asdict(config):
+                print(f"{output} already holds this segmenter: {record.read_text()}")
+                return 0
+            train_set, val_set = config.data.build(config.data.train_split), config.data.build(config.data.val_split)
+            torch.manual_seed(config.seed)
+            model = config.model.build(train_set.num_classes)
+            result = train_segmenter(model, DenseTargetDataset(train_set), config.train, train_set.ignore_index,
+                                     progress=config.progress)
+            scores = evaluate(model, val_set)
+            model.save_pretrained(output)
+            atomic_write_bytes(record, json.dumps({"config": asdict(config), "val_miou": scores.miou,
+                                                   "losses": result.losses}, indent=2).encode())
         print(f"saved {output}: validation mIoU {scores.miou:.3f}")
-    except (ConfigError, DatasetError) as error:
+    except (ConfigError, DatasetError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def read_record(path: Path) -> dict:
+    try:
+        record = json.loads(path.read_text())
+    except ValueError:
+        record = None
+    if not isinstance(record, dict) or "config" not in record:
+        raise DatasetError(f"{path} is not a training record (damaged JSON or no 'config'); delete it to retrain "
+                           f"into this folder")
+    return record

@@ -96,6 +96,8 @@ def test_token_in_the_url_sets_a_cookie_for_later_requests(waiting_run):
     ({"image_id": "{image}", "row": 31, "col": 31, "class_id": 1}, 409, "not a query"),
     ({"image_id": "{image}", "row": -1, "col": 0, "class_id": 1}, 422, ""),
     ({"image_id": "{image}", "class_id": 1}, 422, ""),
+    ({"image_id": "{image}", "row": "{row}", "col": "{col}", "class_id": True}, 422, "class_id"),
+    ({"image_id": "{image}", "row": 1.5, "col": "{col}", "class_id": 1}, 422, "row"),
 ])
 def test_bad_answers_get_the_right_status(client, waiting_run, body, status, message):
     image, row, col = first_query(client)
@@ -204,3 +206,12 @@ def test_one_writer_per_run_folder(waiting_run, tmp_path, capsys):
     assert annotate_main(["--state", str(waiting_run), "--export-labelstudio", str(tmp_path / "ls")]) == 0
     assert annotate_main(["--state", str(tmp_path / "nowhere")]) == 2
     assert "is missing" in capsys.readouterr().err and not (tmp_path / "nowhere").exists()
+
+
+def test_state_changes_from_another_origin_are_refused(client, waiting_run):
+    image, row, col = first_query(client)
+    body = {"image_id": image, "row": row, "col": col, "class_id": 1}
+    refused = client.post("/api/answers", json=body, headers={"Origin": "http://evil.example"})
+    assert refused.status_code == 403 and "origin" in refused.json()["detail"]
+    assert all(not pixels for pixels in journal(waiting_run).values())
+    assert client.post("/api/answers", json=body, headers={"Origin": "http://testserver"}).status_code == 200

@@ -74,6 +74,37 @@ def test_bad_exports_name_the_task(hand_made_run, edit, message):
         import_labelstudio(AnnotationSession(hand_made_run), tasks)
 
 
+@pytest.mark.parametrize("x,y", [(-3.0, 50.0), (50.0, 101.0), ("50", 50.0)])
+def test_points_outside_the_image_are_refused_not_clamped(hand_made_run, x, y):
+    tasks = json.loads(FIXTURE.read_text())
+    tasks[0]["annotations"][0]["result"][0].update(id="moved", value={"x": x, "y": y, "keypointlabels": ["one"]})
+    with pytest.raises(ImportAnswersError, match=r"task 101: a point at x=.* is not inside the image"):
+        import_labelstudio(AnnotationSession(hand_made_run), tasks)
+
+
+def test_damaged_or_misshapen_files_are_named(hand_made_run, waiting_run, tmp_path, capsys):
+    from scripts.annotate import main as annotate_main
+
+    (tmp_path / "cut.json").write_text(FIXTURE.read_text()[:200])
+    (tmp_path / "object.json").write_text('{"id": 1, "annotations": []}')
+    (tmp_path / "cut.xml").write_text("<annotations><image name='a'>")
+    tree = ElementTree.parse(export_cvat(AnnotationSession(waiting_run), tmp_path / "cvat"))
+    first = next(tree.getroot().iter("points"))
+    first.set("points", "1.5,left")
+    tree.write(tmp_path / "words.xml")
+    session = AnnotationSession(hand_made_run)
+    with pytest.raises(ImportAnswersError, match=f"{tmp_path / 'cut.json'} is not valid JSON"):
+        import_labelstudio(session, tmp_path / "cut.json")
+    with pytest.raises(ImportAnswersError, match="holds a JSON dict, but a Label Studio JSON export is a list"):
+        import_labelstudio(session, tmp_path / "object.json")
+    with pytest.raises(ImportAnswersError, match=f"{tmp_path / 'cut.xml'} is not valid XML"):
+        import_cvat(session, tmp_path / "cut.xml")
+    with pytest.raises(ImportAnswersError, match=r"words.xml, image '000000.png': points '1.5,left' are not"):
+        import_cvat(AnnotationSession(waiting_run), tmp_path / "words.xml")
+    assert annotate_main(["--state", str(waiting_run), "--export-labelstudio", str(tmp_path / "cut.json")]) == 2
+    assert "cut.json is a file; --export-labelstudio takes a folder" in capsys.readouterr().err
+
+
 def test_round_trip_answers_every_query_with_the_annotators_classes(waiting_run, tmp_path):
     session = AnnotationSession(waiting_run)
     tasks_path = export_labelstudio(session, tmp_path / "ls")

@@ -80,10 +80,25 @@ def test_another_config_is_refused_unless_overwrite(tmp_path, segmenter_dir, cap
     ("num_samples=0", "num_samples"),
     ("negative_mask=cat", "negative_mask"),
     ("guidance.decode_downsample=0", "guidance.decode_downsample"),
+    ("guidance.strength=inf", "guidance.strength"),
+    ("guidance.clip=-1", "guidance clip=-1"),
+    ("guidance.end=1.5", "0 <= start <= end <= 1"),
 ])
 def test_bad_configs_are_explained(tmp_path, segmenter_dir, capsys, override, message):
     assert generate_main(["--config", str(ROOT / "configs/demo.yaml"), *overrides(tmp_path, segmenter_dir), override]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_guide_of_other_classes_is_refused_before_sampling(tmp_path, capsys):
+    from al.models import build_segmenter
+
+    guide = tmp_path / "guide4"
+    build_segmenter("unet", "tu-resnet10t", 4, encoder_depth=3, decoder_channels=(16, 8, 8)).save_pretrained(guide)
+    out = tmp_path / "out"
+    assert generate_main(["--config", str(ROOT / "configs/demo.yaml"), *overrides(out, guide)]) == 2
+    err = capsys.readouterr().err
+    assert "guidance.segmenters" in err and "11 classes" in err and "predicts 4" in err
+    assert not out.exists()  # refused before anything was written
 
 
 def test_masks_with_unknown_class_ids_name_the_file(tmp_path, segmenter_dir, capsys):

@@ -1,4 +1,5 @@
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -133,3 +134,36 @@ def test_queries_pending_and_undo_survive_reload(tmp_path):
 def test_query_outside_the_image_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"pixel \(9, 0\) is outside image 'a'"):
         store(tmp_path).query("a", [[9, 0]], "initial")
+
+
+def test_ambiguous_or_inexact_input_is_refused_not_guessed(tmp_path):
+    labels = store(tmp_path)
+    with pytest.raises(ValueError, match=r"pixel \(0, 0\) of 'a' is given two classes in one call: 1 and 2"):
+        labels.add("a", [[0, 0], [0, 0]], [1, 2])
+    assert labels.add("a", [[0, 0], [0, 0]], [1, 1]) == 1  # the same label twice is one label
+    with pytest.raises(ValueError, match="pixel coordinates must be integers"):
+        labels.add("a", [[1.5, 2.0]], [1])
+    assert labels.add("a", torch.tensor([[1.0, 2.0]]), [1]) == 1  # integral floats are exact
+    with pytest.raises(ValueError, match="classes must be integers"):
+        labels.add("a", [[2, 2]], [True])
+    with pytest.raises(ValueError, match="classes must be integers"):
+        labels.add("a", [[2, 2]], [0.5])
+    assert store(tmp_path).count() == 2
+
+
+@pytest.mark.parametrize("record,problem", [
+    ({"image": "zz", "pixels": [[0, 0, 1]]}, "names image 'zz', which is not in this dataset"),
+    ({"image": "b", "pixels": [[3, 0, 1]]}, "holds pixel (3, 0), outside image 'b' of size 3x3"),
+    ({"image": "b", "query": [[0, 7]], "tag": "cycle0"}, "holds pixel (0, 7)"),
+    ({"image": "b", "pixels": [[0, 0, 7]]}, "labels a pixel of 'b' with 7, not a class id"),
+])
+def test_replay_refuses_valid_records_that_do_not_fit_the_dataset(tmp_path, record, problem):
+    from al.labels import _encode
+
+    store(tmp_path).add("a", [[0, 0]], [1])
+    with open(tmp_path / JOURNAL_NAME, "ab") as handle:
+        handle.write(_encode(record))
+    # a valid checksum: not a torn write, even as the last line, so it is refused rather than cut off
+    with pytest.raises(JournalCorruptError, match=r"line 2 of 2 has a valid checksum but " + re.escape(problem)):
+        store(tmp_path)
+    assert len((tmp_path / JOURNAL_NAME).read_bytes().splitlines()) == 2  # nothing was truncated

@@ -117,6 +117,14 @@ def test_cli_writes_curve_and_plots(tmp_path, capsys):
     ("loop.no_such_key=1", "no_such_key"),
     ("data.kind=cityscapes", "'data.root'"),
     ("data.kind=masks", "active learning needs images"),
+    ("loop.model.arch=segformer", "'loop.model.arch'"),
+    ("loop.model.encoder=tu-no_such_net", "'loop.model.encoder'"),
+    ("loop.model.decoder_channels=[8,8]", "'loop.model.decoder_channels'"),
+    ("loop.train.batch_size=0", "'loop.train.batch_size'"),
+    ("loop.train.lr=-1", "'loop.train.lr'"),
+    ("loop.train.mixed_precision=fp8", "'loop.train.mixed_precision'"),
+    ("loop.train.epochs=0", "'loop.train.epochs'"),
+    *([("device=cuda", "'device' = 'cuda'")] if not __import__("torch").cuda.is_available() else []),
 ])
 def test_cli_explains_bad_configuration(tmp_path, capsys, override, message):
     assert cli_main(["--config", "configs/al_digits.yaml", f"output_dir={tmp_path}", override]) == 2

@@ -11,6 +11,7 @@ from __future__ import annotations
 import secrets
 from importlib import resources
 from typing import Optional
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -24,12 +25,12 @@ MAX_BODY_BYTES = 4096
 
 class Query(BaseModel):
     image_id: str = Field(max_length=512)
-    row: int = Field(ge=0)
-    col: int = Field(ge=0)
+    row: int = Field(ge=0, strict=True)  # strict: true, 1.5 or "3" is an error, not a pixel
+    col: int = Field(ge=0, strict=True)
 
 
 class Answer(Query):
-    class_id: Optional[int] = None  # None = unsure (void)
+    class_id: Optional[int] = Field(default=None, strict=True)  # None = unsure (void)
 
 
 def _error(request: Request, status: int, message: str) -> Response:
@@ -99,6 +100,10 @@ def create_app(session: AnnotationSession, token: Optional[str] = None) -> FastA
         if not given or not secrets.compare_digest(given.encode(), app.state.token.encode()):
             return _error(request, 403, "missing or wrong access token: open the URL that scripts/annotate.py "
                                         "printed (it ends in ?token=...)")
+        origin = request.headers.get("origin")
+        if request.method not in ("GET", "HEAD") and origin is not None and urlsplit(origin).netloc != request.headers.get("host"):
+            # defence in depth beside the token: a state change comes from this page's own origin only
+            return _error(request, 403, f"requests from origin {origin!r} are refused; use the page this server serves")
         response = await call_next(request)
         if request.query_params.get("token"):
             response.set_cookie(TOKEN_COOKIE, app.state.token, httponly=True, samesite="strict")

@@ -47,6 +47,14 @@ def _apply(session: AnnotationSession, where: str, image_id: str, row: int, col:
     return True
 
 
+def _export_folder(directory: Union[str, Path], option: str) -> Path:
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ImportAnswersError(f"{directory} is a file; {option} takes a folder to write the tasks and images into")
+    (directory / "images").mkdir(parents=True, exist_ok=True)
+    return directory
+
+
 def labelling_config(session: AnnotationSession) -> str:
     """The Label Studio labelling config (XML): the image plus one keypoint label per class."""
     labels = [f'    <Label value="{QUERY_LABEL}" background="#ffd400"/>']
@@ -66,8 +74,7 @@ def export_labelstudio(session: AnnotationSession, directory: Union[str, Path], 
                  only_pending: bool = True) -> Path:
     """Write ``tasks.json``, ``labelling_config.xml`` and ``images/<id>.png`` for the open tag.
     Returns the tasks file."""
-    directory = Path(directory)
-    (directory / "images").mkdir(parents=True, exist_ok=True)
+    directory = _export_folder(directory, "--export-labelstudio")
     tag, tasks = session.tag, []
     for item in session.progress()["images"]:
         if only_pending and item["pending"] == 0:
@@ -91,7 +98,7 @@ def export_labelstudio(session: AnnotationSession, directory: Union[str, Path], 
     return path
 
 
-def _pixel(result: dict, height: int, width: int) -> tuple[int, int]:
+def _pixel(result: dict, height: int, width: int, where: str) -> tuple[int, int]:
     region = str(result.get("id", ""))
     if region.startswith("q") and "_" in region:
         try:
@@ -104,9 +111,24 @@ def _pixel(result: dict, height: int, width: int) -> tuple[int, int]:
         except (ValueError, KeyError):
             pass
     value = result["value"]
-    col = min(max(math.floor(value["x"] / 100 * width), 0), width - 1)
-    row = min(max(math.floor(value["y"] / 100 * height), 0), height - 1)
-    return row, col
+    x, y = value.get("x"), value.get("y")
+    if not all(isinstance(v, (int, float)) and 0 <= v <= 100 for v in (x, y)):
+        raise ImportAnswersError(f"{where}: a point at x={x!r}, y={y!r} is not inside the image (Label Studio gives "
+                                 f"percentages in [0, 100]); move it onto a queried pixel and export again")
+    # x = 100 (the right edge) is the last column, not one past it
+    return min(math.floor(y / 100 * height), height - 1), min(math.floor(x / 100 * width), width - 1)
+
+
+def _read_export(path: Path) -> list:
+    try:
+        tasks = json.loads(path.read_text())
+    except ValueError as error:
+        raise ImportAnswersError(f"{path} is not valid JSON ({error}); export it again from Label Studio "
+                                 f"(Export -> JSON)") from None
+    if not isinstance(tasks, list):
+        raise ImportAnswersError(f"{path} holds a JSON {type(tasks).__name__}, but a Label Studio JSON export is a list "
+                                 f"of tasks; export with the 'JSON' format (not 'JSON-MIN' of one task)")
+    return tasks
 
 
 def import_labelstudio(session: AnnotationSession, export: Union[str, Path, list]) -> dict:
@@ -116,9 +138,11 @@ def import_labelstudio(session: AnnotationSession, export: Union[str, Path, list
     ``query`` are unanswered and skipped; ``unsure`` becomes void. A point that is not one of
     the tag's queries is refused (the loop asked about other pixels). Returns counts.
     """
-    tasks = json.loads(Path(export).read_text()) if not isinstance(export, list) else export
+    tasks = export if isinstance(export, list) else _read_export(Path(export))
     counts = {"answered": 0, "unanswered": 0, "tasks_without_annotation": 0}
     for number, task in enumerate(tasks, start=1):
+        if not isinstance(task, dict):
+            raise ImportAnswersError(f"item {number} of the export is {type(task).__name__}, not a task object")
         where = f"task {task.get('id', number)}"
         image_id = task.get("data", {}).get("image_id")
         if image_id not in session.shapes:
@@ -134,15 +158,14 @@ def import_labelstudio(session: AnnotationSession, export: Union[str, Path, list
             if result.get("type") != "keypointlabels":
                 continue
             name = (result["value"].get("keypointlabels") or [QUERY_LABEL])[0]
-            answered = _apply(session, where, image_id, *_pixel(result, height, width), name)
+            answered = _apply(session, where, image_id, *_pixel(result, height, width, where), name)
             counts["answered" if answered else "unanswered"] += 1
     return counts
 
 
 def export_cvat(session: AnnotationSession, directory: Union[str, Path], only_pending: bool = True) -> Path:
     """Write ``annotations.xml`` (CVAT for images 1.1) and ``images/<n>.png`` for the open tag."""
-    directory = Path(directory)
-    (directory / "images").mkdir(parents=True, exist_ok=True)
+    directory = _export_folder(directory, "--export-cvat")
     root = ElementTree.Element("annotations")
     ElementTree.SubElement(root, "version").text = "1.1"
     labels = ElementTree.SubElement(ElementTree.SubElement(ElementTree.SubElement(root, "meta"), "task"), "labels")
@@ -172,7 +195,11 @@ def export_cvat(session: AnnotationSession, directory: Union[str, Path], only_pe
 def import_cvat(session: AnnotationSession, annotations: Union[str, Path], file_ids: Optional[dict] = None) -> dict:
     """Read a CVAT for images 1.1 XML export and answer the open tag's queries with it. Images
     are matched by the ``image_id`` attribute the export wrote, else by ``file_ids[name]``."""
-    root = ElementTree.parse(annotations).getroot()
+    try:
+        root = ElementTree.parse(annotations).getroot()
+    except ElementTree.ParseError as error:
+        raise ImportAnswersError(f"{annotations} is not valid XML ({error}); export it again from CVAT "
+                                 f"(CVAT for images 1.1)") from None
     counts = {"answered": 0, "unanswered": 0}
     for image in root.iter("image"):
         where = f"image {image.get('name')!r}"
@@ -182,8 +209,14 @@ def import_cvat(session: AnnotationSession, annotations: Union[str, Path], file_
         height, width = session.shapes[image_id]
         for points in image.iter("points"):
             for pair in points.get("points", "").split(";"):
-                x, y = (float(v) for v in pair.split(","))
-                row, col = min(max(math.floor(y), 0), height - 1), min(max(math.floor(x), 0), width - 1)
+                try:
+                    x, y = (float(v) for v in pair.split(","))
+                except ValueError:
+                    raise ImportAnswersError(f"{annotations}, {where}: points {pair!r} are not 'x,y' numbers") from None
+                if not (0 <= x <= width and 0 <= y <= height):
+                    raise ImportAnswersError(f"{annotations}, {where}: point ({x}, {y}) is outside the {width}x{height} "
+                                             f"image; move it onto a queried pixel and export again")
+                row, col = min(math.floor(y), height - 1), min(math.floor(x), width - 1)
                 answered = _apply(session, where, image_id, row, col, points.get("label", QUERY_LABEL))
                 counts["answered" if answered else "unanswered"] += 1
     return counts
