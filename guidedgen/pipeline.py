@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from al.config import require
+from al.config import ConfigError, require
 from al.data.base import SegmentationDataset
 from al.data.folder import atomic_write_bytes, load_folder, read_metadata
 from al.experiment import DataConfig
@@ -130,6 +130,14 @@ class PipelineConfig:
                     f"{FIRST!r} or one of {sorted(OBJECTIVES)}")
             for key in set(changes) - keys - set(CONDITION_KEYS):
                 require(False, f"variants.{name}", key, f"keys of generation.guidance {sorted(keys)} or one of {CONDITION_KEYS}")
+        for name in self.conditions:
+            guidance = self.condition(name).guidance
+            try:
+                if guidance is not None:
+                    guidance.schedule()
+            except ValueError as error:
+                raise ConfigError(f"config key {'variants.' + name if name in self.variants else 'generation.guidance'!r}: "
+                                  f"{error}") from None
         require(self.committee_size >= (2 if self._objectives_seen("committee") else 1), "committee_size",
                 self.committee_size, "an integer >= 2 when 'committee' is a condition or a selection (>= 1 otherwise)")
         require(self.judge is not None or not self.label_filter, "judge", self.judge, "a judge folder when label_filter is on")

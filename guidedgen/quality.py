@@ -11,6 +11,7 @@ from typing import Union
 import torch
 from torch import Tensor
 
+from al.data.base import DatasetError
 from al.metrics import SegmentationScores, confusion_matrix
 from al.models import Segmenter
 
@@ -55,4 +56,9 @@ def load_judge(directory: Union[str, os.PathLike] = JUDGE_DIR,
     if missing:
         raise FileNotFoundError(f"no judge segmenter at {directory} (missing {', '.join(missing)}): create it with "
                                 f"`{JUDGE_RECIPE}` (about 42 minutes on 2 cores), or give another judge folder")
-    return Segmenter.from_pretrained(directory).to(device).eval(), json.loads((directory / "training.json").read_text())
+    try:
+        record = json.loads((directory / "training.json").read_text())
+    except ValueError as error:
+        raise DatasetError(f"{directory / 'training.json'} is not valid JSON ({error}); remake the judge with "
+                         f"`{JUDGE_RECIPE}`") from None
+    return Segmenter.from_pretrained(directory).to(device).eval(), record

@@ -11,7 +11,6 @@ import sys
 from al.config import ConfigError, cli_parser, load_config
 from al.data.base import DatasetError
 from al.experiment import ExperimentConfig, run_experiment
-from al.folder_lock import FolderLockedError
 from al.labels import JournalCorruptError
 from al.loop import AwaitingAnnotations, StateMismatchError
 from al.select import NotEnoughPixelsError
@@ -25,8 +24,8 @@ def main(argv=None) -> int:
     except AwaitingAnnotations as waiting:
         print(f"waiting: {waiting}")
         return 0
-    except (ConfigError, DatasetError, StateMismatchError, NotEnoughPixelsError, FolderLockedError,
-            JournalCorruptError) as error:
+    except (ConfigError, DatasetError, StateMismatchError, NotEnoughPixelsError, JournalCorruptError,
+            OSError) as error:  # OSError: an unwritable output_dir, a folder another run holds (FolderLockedError)
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(summary)

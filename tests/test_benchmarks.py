@@ -21,6 +21,7 @@ def test_object_errors_split_wrong_object_pixels_into_missed_and_misread():
 def test_the_judge_loads_with_its_record_or_says_how_to_make_it(tmp_path):
     import json
 
+    from al.data.base import DatasetError
     from al.models import build_segmenter
     from guidedgen.quality import load_judge
 
@@ -28,6 +29,9 @@ def test_the_judge_loads_with_its_record_or_says_how_to_make_it(tmp_path):
         load_judge(tmp_path)
     build_segmenter("unet", "tu-resnet10t", 3, encoder_depth=3, decoder_channels=(16, 8, 8)).save_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="missing training.json"):
+        load_judge(tmp_path)
+    (tmp_path / "training.json").write_text('{"val_miou": ')
+    with pytest.raises(DatasetError, match=f"{tmp_path / 'training.json'} is not valid JSON"):
         load_judge(tmp_path)
     (tmp_path / "training.json").write_text(json.dumps({"val_miou": 0.5}))
     judge, record = load_judge(tmp_path)

@@ -337,3 +337,10 @@ def test_a_run_on_other_data_is_refused(tmp_path, capsys):
     assert cli_main(args + ["data.seed=7"]) == 2
     assert "holds a run on other data (data.seed: 0 there, 7 now)" in capsys.readouterr().err
     assert cli_main(args) == 0  # the run itself still resumes
+
+
+def test_an_unwritable_output_folder_is_one_line_not_a_traceback(tmp_path, capsys):
+    (tmp_path / "file").write_text("a file, not a folder")
+    args = ["--config", "configs/al_digits.yaml", *tiny_experiment_overrides(tmp_path / "file" / "out")]
+    assert cli_main(args) == 2
+    assert "file/out" in capsys.readouterr().err

@@ -148,6 +148,10 @@ def test_pipeline_explains_bad_variants(tmp_path, capsys):
     assert "variants.late.objective" in capsys.readouterr().err
     assert cli_main([*base, "variants={late: {objective: entropy}}", "label_filter=true"]) == 2
     assert "judge" in capsys.readouterr().err
+    assert cli_main([*base, "variants={late: {objective: entropy, start: 0.9, end: 0.5}}"]) == 2
+    assert "'variants.late': guidance window must satisfy 0 <= start <= end <= 1" in capsys.readouterr().err
+    assert cli_main([*base, "variants={late: {objective: entropy}}", "train.epochs=0"]) == 2
+    assert "'train.epochs'" in capsys.readouterr().err
 
 
 def test_kept_variants_are_the_top_k_of_each_unit_by_score():
