@@ -184,21 +184,22 @@ class StageLog:
 
     def __init__(self, path: Path):
         self.path = path
-        self.logged = {row["stage"] for row in csv.DictReader(open(path))} if path.exists() else set()
+        with open(path) if path.exists() else io.StringIO() as handle:
+            self.seconds = {row["stage"]: float(row["seconds"]) for row in csv.DictReader(handle)}
 
     def run(self, name: str, work: Callable[[], object]):
         start = time.perf_counter()
         result = work()
-        if name in self.logged:
+        if name in self.seconds:
             return result
-        self.logged.add(name)
+        self.seconds[name] = round(time.perf_counter() - start, 1)  # as stages.csv keeps it, so a resume reads the same
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         new = not self.path.exists()
         with open(self.path, "a", newline="") as handle:
             writer = csv.writer(handle)
             if new:
                 writer.writerow(["stage", "seconds", "peak_rss_mb"])
-            writer.writerow([name, f"{time.perf_counter() - start:.1f}", f"{peak:.0f}"])
+            writer.writerow([name, f"{self.seconds[name]:.1f}", f"{peak:.0f}"])
         return result
 
 
@@ -382,9 +383,9 @@ def _run_pipeline(config: PipelineConfig, output: Path) -> str:
             generator_seed, generator_segmenters = (0, committees[config.seeds[0]]) if shared else (seed, segmenters)
             generated = (output / "shared" if shared else base) / "generated" / name
             count = units(config, condition.mode, train_set, generator_seed)
-            log.run(f"{'all seeds' if shared else f'seed {seed}'}: generate {name}",
-                    lambda n=name, g=generated: run_generation(
-                        generation_config(config, n, generator_segmenters, g, generator_seed, count)))
+            stage = f"{'all seeds' if shared else f'seed {seed}'}: generate {name}"
+            log.run(stage, lambda n=name, g=generated: run_generation(
+                generation_config(config, n, generator_segmenters, g, generator_seed, count)))
             images, masks, records = stacked(load_folder(generated)) + (
                 [r for r in read_metadata(generated) if not r.get("dropped")],)
             # every objective's value on every pair, under this seed's stage-1 segmenters (the
@@ -398,6 +399,7 @@ def _run_pipeline(config: PipelineConfig, output: Path) -> str:
                                  None if condition.select == FIRST else scores[condition.select], config.keep_per_unit)
             images, masks = images[kept], masks[kept]
             values = {f"objective_{k}": float(v[kept].mean()) for k, v in scores.items()}
+            values["seconds_per_kept"] = log.seconds[stage] / len(kept)  # generation wall time per kept pair
             fidelity, filtered = judge_set(images, masks, judge, num_classes, ignore_index) if judge else ({}, None)
             if judge and condition.mode == "instance":  # the regenerated objects against the real ones
                 real_images = torch.stack([train_set[train_set.index_of(records[p]["source_id"])].image for p in kept])
@@ -464,7 +466,7 @@ def write_results(rows: list[dict], output: Path) -> str:
     writer.writerows(rows)
     atomic_write_bytes(output / "results.csv", buffer.getvalue().encode())
     conditions = list(dict.fromkeys(row["condition"] for row in rows))
-    objective_keys = [k for k in fields if k.startswith(("objective_", "fidelity_", "labelled_"))]
+    objective_keys = [k for k in fields if k.startswith(("objective_", "fidelity_", "labelled_", "seconds_"))]
     lines = ["| training data | val mIoU (%) | seeds | paired vs real only | paired vs unguided | "
              + " | ".join(k.replace("objective_", "") for k in objective_keys) + " |",
              "|---" * (5 + len(objective_keys)) + "|"]
@@ -488,7 +490,8 @@ def write_results(rows: list[dict], output: Path) -> str:
                                   "of labelled pixels where it reads the mask's class (real only: on the real images); "
                                   "fidelity_region_generated / _real (instance mode): that share on the regenerated pixels, "
                                   "and on the same pixels of the real images. labelled_share: the share of the kept synthetic pairs' "
-                                  "labelled pixels that stay labelled for training (below 1 after a filter).\n")
+                                  "labelled pixels that stay labelled for training (below 1 after a filter). seconds_per_kept: the set's "
+                                  "generation wall time over the pairs kept from it (all variants generated count).\n")
     atomic_write_bytes(output / "summary.md", summary.encode())
     figure = Figure(figsize=(1.6 + 1.3 * len(conditions), 3.4))
     axes = figure.add_subplot(1, 1, 1)

@@ -25,6 +25,8 @@ def test_pipeline_writes_every_stage_and_resumes_without_recomputing(tmp_path, c
     assert all(0 <= float(r["val_miou"]) <= 1 for r in rows)
     assert all(r["synthetic_samples"] == "4" for r in rows[1:])  # one per real mask
     assert {"objective_entropy", "objective_committee", "objective_expected_model_change"} <= set(rows[1])
+    seconds = {r["stage"]: float(r["seconds"]) for r in csv.DictReader(open(tmp_path / "stages.csv"))}
+    assert float(rows[2]["seconds_per_kept"]) == pytest.approx(seconds["seed 0: generate entropy"] / 4)
     for name in ("summary.md", "miou.png", "sets.png", "stages.csv"):
         assert (tmp_path / name).exists()
     for condition in ("unguided", "entropy", "committee", "expected_model_change"):
