@@ -69,3 +69,7 @@ def read_record(path: Path) -> dict:
         raise DatasetError(f"{path} is not a training record (damaged JSON or no 'config'); delete it to retrain "
                            f"into this folder")
     return record
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -39,3 +39,16 @@ def test_a_damaged_record_is_named_and_a_good_one_skips_training(tmp_path, capsy
     (tmp_path / "training.json").write_text('{"config": ')
     assert run(tmp_path) == 2
     assert f"{tmp_path / 'training.json'} is not a training record" in capsys.readouterr().err
+
+
+def test_the_script_runs_as_a_command(tmp_path):
+    """As make demo calls it: a subprocess whose exit code and message are the CLI's."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "scripts/train_segmenter.py", "--config", "configs/segmenter_digits.yaml",
+                           f"output_dir={tmp_path}", "train.epochs=0"], cwd=root, capture_output=True, text=True,
+                          env={**__import__("os").environ, "PYTHONPATH": str(root)}, timeout=300)
+    assert done.returncode == 2 and "'train.epochs'" in done.stderr
