@@ -43,12 +43,13 @@ def test_a_damaged_record_is_named_and_a_good_one_skips_training(tmp_path, capsy
 
 def test_the_script_runs_as_a_command(tmp_path):
     """As make demo calls it: a subprocess whose exit code and message are the CLI's."""
+    import os
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, "scripts/train_segmenter.py", "--config", "configs/segmenter_digits.yaml",
-                           f"output_dir={tmp_path}", "train.epochs=0"], cwd=root, capture_output=True, text=True,
-                          env={**__import__("os").environ, "PYTHONPATH": str(root)}, timeout=300)
+                           f"output_dir={tmp_path}", "train.epochs=0"], check=False, cwd=root, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(root)}, timeout=300)
     assert done.returncode == 2 and "'train.epochs'" in done.stderr
