@@ -9,7 +9,8 @@ STAMP := $(VENV)/.installed
 # (17 min instead of ~2 seen under load); two threads, the machine's cores.
 TEST_ENV := OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=2
 
-.PHONY: demo augment-demo augment-benchmark al-demo al-benchmark test install clean
+.PHONY: demo augment-demo augment-benchmark al-demo al-benchmark al-digits pipeline-digits pipeline-benchmark \
+	few-labels-benchmark controlnet-train benchmarks test test-fast install clean
 
 install: $(STAMP)
 
@@ -51,9 +52,45 @@ al-demo: $(STAMP)
 al-benchmark: $(STAMP)
 	$(PY) scripts/active_learning.py --config configs/al_digits3.yaml
 
+# docs/results/al_digits.md, the older ten-class AL experiment: 7 acquisitions x 3 seeds, then BalEnt on the diffusion-feature ensemble.
+al-digits: $(STAMP)
+	$(PY) scripts/active_learning.py --config configs/al_digits.yaml
+	$(PY) scripts/active_learning.py --config configs/al_digits_diffusion_features.yaml
+
+# docs/results/pipeline_digits.md: train -> generate -> retrain on ten classes (39 min of stages), then BalEnt AL with synthetic pairs.
+pipeline-digits: $(STAMP)
+	$(PY) scripts/pipeline.py --config configs/pipeline_digits.yaml
+	$(PY) scripts/generate.py --config configs/synthetic_digits_test.yaml
+	$(PY) scripts/active_learning.py --config configs/al_digits_synthetic.yaml
+	$(PY) scripts/compare_curves.py docs/results/curve.csv:balent outputs/al_digits_synthetic/curve.csv:balent
+
+# docs/results/pipeline_digits3.md (issue 17): 3 seeds x 9 conditions on DigitScenes-3, each also label-filtered; resumable.
+pipeline-benchmark: $(STAMP)
+	$(PY) scripts/pipeline.py --config configs/pipeline_digits3.yaml
+
+# docs/results/few_labels_digits.md (issue 5): 5/10/20 labelled scenes x 3 seeds, diffusion features vs smp; resumable.
+few-labels-benchmark: $(STAMP)
+	$(PY) scripts/few_labels.py --config configs/few_labels_digits.yaml
+
+# docs/results/controlnet_digits.md: retrain the DigitScenes SD + ControlNet into outputs/controlnet_digits/ (about 86 min; resumes).
+controlnet-train: $(STAMP)
+	$(PY) scripts/train_controlnet.py --config configs/controlnet_digits.yaml
+
+# docs/results/benchmarks.md: its five benchmarks in sequence (mask_fidelity.py rewrites docs/results/mask_fidelity.png).
+benchmarks: $(STAMP)
+	$(PY) benchmarks/balent_speed.py
+	$(PY) benchmarks/mc_cost.py
+	$(PY) benchmarks/guidance_overhead.py
+	$(PY) benchmarks/mask_fidelity.py
+	$(PY) benchmarks/diffusion_features_memory.py
+
 test: $(STAMP)
 	@command -v chromium >/dev/null 2>&1 || echo "note: no chromium, so the browser test of the annotation page is skipped; get it with: sudo apt-get install -y chromium"
 	$(TEST_ENV) $(PY) -m pytest -q
+
+# The suite minus the tests marked slow (training, subprocesses, full sampling runs): under a minute.
+test-fast: $(STAMP)
+	$(TEST_ENV) $(PY) -m pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from al.deal import difficulty_entropy, difficulty_sum, pixel_difficulty
 from al.mc import mc_moments
 from al.models import Segmenter
-from al.scores import SCORES, MCSamples, entropy
+from al.registry import Registry
+from al.scores import SCORES, MCSamples, ScoreFn, entropy
 
 
 @dataclass
@@ -41,8 +42,7 @@ class Acquisition:
     needs_difficulty: bool = False  # the model must carry DEAL's difficulty branch
 
 
-def _from_scores(name: str) -> Acquisition:
-    score = SCORES[name]
+def _from_score(name: str, score: ScoreFn) -> Acquisition:
     return Acquisition(name, lambda predictions, generator=None: score(predictions.probs, generator))
 
 
@@ -56,16 +56,18 @@ def _deal(name: str, level: str, score: Callable[[Predictions], Tensor]) -> Acqu
     return Acquisition(name, lambda predictions, generator=None: score(predictions), level, needs_difficulty=True)
 
 
-# DE's bin count (SPEC: 8 for CamVid, 10 for Cityscapes); DigitScenes is closer to CamVid's scale.
+# DE's bin count (the paper: 8 for CamVid, 10 for Cityscapes; docs/methods.md#deal); DigitScenes is
+# closer to CamVid's scale.
 DE_BINS = 8
 
-ACQUISITIONS: dict[str, Acquisition] = {
-    **{name: _from_scores(name) for name in SCORES},
+# The acquisitions beyond al.scores.SCORES (each of which is one too, see all_acquisitions);
+# open: ACQUISITIONS.register("name", Acquisition(...)).
+ACQUISITIONS: Registry[Acquisition] = Registry("acquisition", {
     "deal_ds": _deal("deal_ds", "image", lambda p: difficulty_sum(_difficulty(p))),
     "deal_de": _deal("deal_de", "image", lambda p: difficulty_entropy(_difficulty(p), DE_BINS)),
     "deal_pixel": _deal("deal_pixel", "pixel", lambda p: pixel_difficulty(_difficulty(p))),
     "deal_pixel_entropy": _deal("deal_pixel_entropy", "pixel", lambda p: pixel_difficulty(_difficulty(p), entropy(p.probs))),
-}
+})
 
 
 @torch.no_grad()
@@ -84,9 +86,13 @@ def pool_predictions(model: nn.Module, images: Tensor, k: int, generator: Option
     return Predictions(mc_moments(model, images, k, generator, at_decoder_resolution), difficulty)
 
 
+def all_acquisitions() -> Registry[Acquisition]:
+    """Every acquisition a config may name, as registered now: each score of ``al.scores.SCORES``
+    (scored per pixel from the MC samples) and each entry of :data:`ACQUISITIONS`."""
+    return Registry("acquisition", {**{name: _from_score(name, score) for name, score in SCORES.items()},
+                                    **ACQUISITIONS})
+
+
 def get_acquisition(name: str) -> Acquisition:
     """Look up an acquisition by config name; an unknown name lists the valid ones."""
-    try:
-        return ACQUISITIONS[name]
-    except KeyError:
-        raise KeyError(f"unknown acquisition {name!r}; choose one of {sorted(ACQUISITIONS)}") from None
+    return all_acquisitions().lookup(name)

@@ -1,6 +1,11 @@
 """Typed configuration: dataclasses loaded from YAML plus dotted ``key=value`` CLI overrides.
 
 Unknown keys and wrongly typed values fail at start with the key, the value and what is allowed.
+
+A ``base:`` key in any block of a YAML file names a file (or a list of files), relative to that
+YAML file, whose keys are merged beneath the block: settings shared by several configs (a dataset,
+a model's sampling settings) are written once, in configs/base/. Order: schema defaults < bases
+(in list order, each with its own bases) < the file < command-line overrides.
 """
 
 from __future__ import annotations
@@ -26,9 +31,7 @@ def load_config(schema: type[T], path: Optional[Union[str, os.PathLike]] = None,
         merged = OmegaConf.structured(schema)
         if path is not None:
             source = str(path)
-            if not Path(path).is_file():
-                raise ConfigError(f"config file {path} not found")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            merged = OmegaConf.merge(merged, read_yaml(Path(path)))
         if overrides:
             source = "command line"
             bad = [item for item in overrides if "=" not in item]
@@ -39,6 +42,29 @@ def load_config(schema: type[T], path: Optional[Union[str, os.PathLike]] = None,
     except OmegaConfBaseException as error:
         key = getattr(error, "full_key", None) or "?"
         raise ConfigError(f"{source}: bad config key {key!r}: {error.msg if hasattr(error, 'msg') else error}") from None
+
+
+def read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """``path``'s keys with the files its ``base:`` keys name merged beneath them (``chain``: the
+    files that include ``path``, to refuse cycles)."""
+    if path.resolve() in [included.resolve() for included in chain]:
+        raise ConfigError("config files include each other as base: " + " -> ".join(map(str, (*chain, path))))
+    if not path.is_file():
+        raise ConfigError(f"{chain[-1]}: base file {path} not found" if chain else f"config file {path} not found")
+    # plain containers, interpolations unresolved: they resolve once, in the structured merge
+    return _merge_bases(OmegaConf.to_container(OmegaConf.load(path)), path, (*chain, path))
+
+
+def _merge_bases(node, path: Path, chain: tuple[Path, ...]):
+    if not isinstance(node, dict):
+        return node
+    names = node.pop("base", None) or []
+    names = [names] if isinstance(names, str) else names
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise ConfigError(f"{path}: 'base' must be a path or a list of paths (relative to {path.parent}), got {names!r}")
+    node = {key: _merge_bases(value, path, chain) for key, value in node.items()}
+    bases = [read_yaml(path.parent / name, chain) for name in names]
+    return OmegaConf.to_container(OmegaConf.merge(*bases, node)) if bases else node
 
 
 def require(condition: bool, key: str, value, allowed: str) -> None:

@@ -1,4 +1,4 @@
-"""DEAL: difficulty-aware active learning (Xie et al., ACCV 2020; SPEC section 3).
+"""DEAL: difficulty-aware active learning (Xie et al., ACCV 2020; see docs/methods.md#deal).
 
 A difficulty branch reads the segmentation logits S, refines their class probabilities with a
 probability attention module (PAM), and predicts a per-pixel difficulty map M trained against

@@ -1,4 +1,5 @@
-"""Diffusion-feature pixel classifiers (Baranchuk et al., ICLR 2022; SPEC section 2).
+"""Diffusion-feature pixel classifiers (Baranchuk et al., ICLR 2022; see
+docs/methods.md#diffusion-feature-pixel-classifiers).
 
 Features: for each timestep t, ``x_t = q_sample(x0, t, noise)`` with ONE fixed noise tensor shared
 by all images, one UNet forward, the outputs of chosen decoder blocks (forward hooks), each
@@ -24,11 +25,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
-from al.data.folder import atomic_write_bytes
-from al.scores import bald
+from al.atomic import atomic_write_bytes
 
 Encode = Callable[[Tensor], Tensor]
 
+
+ENSEMBLE_RECORD = "segmenter.json"  # beside the weights: marks a saved DiffusionFeatureSegmenter
 
 @dataclass
 class FeatureConfig:
@@ -323,18 +325,6 @@ def majority_vote(mc_probs: Tensor) -> Tensor:
     return votes.argmax(-1)
 
 
-def mutual_information(mc_probs: Tensor) -> Tensor:
-    """``H(mean softmax) - mean member entropy`` per pixel (= BALD). ``[K, N, C, *S] -> [N, *S]``."""
-    return bald(mc_probs)
-
-
-def image_score(pixel_scores: Tensor, top_fraction: float = 0.1) -> Tensor:
-    """Mean of each image's top ``top_fraction`` pixel scores. ``[N, *S] -> [N]``."""
-    flat = pixel_scores.flatten(1)
-    k = max(1, int(round(top_fraction * flat.shape[1])))
-    return flat.topk(k, dim=1).values.mean(1)
-
-
 @dataclass
 class DiffusionFeaturesConfig:
     """A pixel-MLP ensemble on diffusion-UNet features, as a model of the active-learning loop."""
@@ -408,13 +398,13 @@ class DiffusionFeatureSegmenter(nn.Module):
         self.ensemble.save_pretrained(directory)
         record = {"class": type(self).__name__, "num_classes": self.num_classes, "seed": self.seed,
                   "config": asdict(self.config)}
-        atomic_write_bytes(directory / "segmenter.json", json.dumps(record, indent=2).encode())
+        atomic_write_bytes(directory / ENSEMBLE_RECORD, json.dumps(record, indent=2).encode())
 
     @classmethod
     def from_pretrained(cls, directory: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu"
                         ) -> "DiffusionFeatureSegmenter":
         directory = Path(directory)
-        record = json.loads((directory / "segmenter.json").read_text())
+        record = json.loads((directory / ENSEMBLE_RECORD).read_text())
         raw = record["config"]
         config = DiffusionFeaturesConfig(**{**raw, "features": FeatureConfig(**raw["features"])})
         model = cls(config, record["num_classes"], record["seed"], device)

@@ -22,60 +22,23 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from al.acquisition import ACQUISITIONS, pool_predictions
+from al.acquisition import all_acquisitions, get_acquisition, pool_predictions
+from al.atomic import atomic_write_bytes
 from al.config import require
-from al.data import LAYOUTS, DigitScenesConfig, digit_scenes, load_folder
+from al.data.config import DATA_CONFIG_NAME, DATA_KINDS, DataConfig
 from al.data.base import SegmentationDataset
-from al.data.folder import atomic_write_bytes
 from al.labels import SparseLabels
-from al.loop import (
-    LEARNERS,
-    ActiveLearningLoop,
-    GroundTruthOracle,
-    HumanOracle,
-    LoopConfig,
-    StateMismatchError,
-)
+from al.loop import ActiveLearningLoop
+from al.loop_config import LoopConfig
 from al.models import load_model
+from al.oracles import GroundTruthOracle, HumanOracle
+from al.resume import check_resume, identity
 from al.plots import plot_learning_curves, plot_uncertainty_maps
 from al.scores import balanced_entropy, bald, entropy, marginal_confidence, mean_prediction
-from al.select import SELECTION_RULES
 from al.train import DenseTargetDataset, TrainConfig, evaluate, train_segmenter
 
-DATA_KINDS = ("digitscenes", "folder", "masks", *LAYOUTS)  # "masks": a folder of masks only (generation)
 ANNOTATORS = ("oracle", "human")
-DATA_CONFIG_NAME = "data.json"  # in each run folder: how scripts/annotate.py rebuilds the pool
 CURVE_FIELDS = ["acquisition", "seed", "cycle", "labelled_pixels", "labelled_percent", "miou"]
-
-
-@dataclass
-class DataConfig:
-    kind: str = "digitscenes"
-    root: Optional[str] = None  # for every kind but digitscenes
-    train_split: str = "train"
-    val_split: str = "val"
-    # DigitScenes only
-    num_train_images: int = 200
-    num_val_images: int = 200
-    size: int = 64
-    seed: int = 0
-    # DigitScenes variant knobs (defaults = the standard benchmark; see DigitScenesConfig)
-    min_digits: int = 2
-    max_digits: int = 4
-    min_digit_size: int = 18
-    max_digit_size: int = 30
-    digits: list[int] = field(default_factory=lambda: list(range(10)))
-
-    def build(self, split: str) -> SegmentationDataset:
-        if self.kind == "digitscenes":
-            count = self.num_train_images if split == self.train_split else self.num_val_images
-            return digit_scenes(DigitScenesConfig(
-                num_images=count, size=self.size, seed=self.seed, split=split, min_digits=self.min_digits,
-                max_digits=self.max_digits, min_digit_size=self.min_digit_size, max_digit_size=self.max_digit_size,
-                digits=tuple(self.digits)))
-        if self.kind in ("folder", "masks"):
-            return load_folder(Path(self.root) / split, masks_only=self.kind == "masks")
-        return LAYOUTS[self.kind](self.root, split)
 
 
 @dataclass
@@ -96,41 +59,20 @@ class ExperimentConfig:
     loop: LoopConfig = field(default_factory=LoopConfig)
 
     def validate(self) -> None:
+        self.loop.validate("loop")
         for name in self.acquisitions:
-            require(name in ACQUISITIONS, "acquisitions", name, f"one of {sorted(ACQUISITIONS)}")
-            require(self.loop.learner == "segmenter" or not ACQUISITIONS[name].needs_difficulty, "acquisitions", name,
+            require(name in all_acquisitions(), "acquisitions", name, f"one of {sorted(all_acquisitions())}")
+            require(self.loop.learner == "segmenter" or not get_acquisition(name).needs_difficulty, "acquisitions", name,
                     "an acquisition without DEAL's difficulty branch (only loop.learner=segmenter has it)")
-        require(self.loop.learner in LEARNERS, "loop.learner", self.loop.learner, f"one of {LEARNERS}")
-        require(self.loop.learner == "segmenter" or self.loop.synthetic.root is None, "loop.synthetic.root",
-                self.loop.synthetic.root, "null with loop.learner=diffusion_features (it trains on real labels only)")
         require(self.loop.learner == "segmenter" or not self.supervised_reference, "supervised_reference",
                 self.supervised_reference, "false with loop.learner=diffusion_features (the reference is a segmenter)")
-        require(0.0 < self.loop.deal.pool_fraction <= 1.0, "loop.deal.pool_fraction", self.loop.deal.pool_fraction,
-                "a number in (0, 1]")
-        require(0.0 < self.loop.deal.image_share <= self.loop.deal.pool_fraction, "loop.deal.image_share",
-                self.loop.deal.image_share, "a number in (0, loop.deal.pool_fraction]")
         require(len(self.acquisitions) > 0, "acquisitions", self.acquisitions, "a non-empty list")
         require(len(self.seeds) > 0, "seeds", self.seeds, "a non-empty list")
-        require(self.loop.selection in SELECTION_RULES, "loop.selection", self.loop.selection, f"one of {sorted(SELECTION_RULES)}")
-        require(self.loop.pixels_per_image >= 1, "loop.pixels_per_image", self.loop.pixels_per_image, "an integer >= 1")
-        require(self.loop.cycles >= 0, "loop.cycles", self.loop.cycles, "an integer >= 0")
-        require(self.loop.mc_samples >= 2, "loop.mc_samples", self.loop.mc_samples, "an integer >= 2 (BalEnt and BALD need a variance)")
-        self.loop.train.validate("loop.train")
-        self.loop.model.validate("loop.model")
         require(self.device in ("auto", "cpu") or (self.device.startswith("cuda") and torch.cuda.is_available()),
                 "device", self.device, "'auto', 'cpu' or 'cuda[:n]' on a machine with a CUDA GPU (none is visible)")
-        require(not self.loop.warm_start or self.loop.learner == "segmenter", "loop.warm_start", self.loop.warm_start,
-                "false with loop.learner=diffusion_features (its ensemble is refitted every cycle)")
-        require(self.loop.warm_start_epochs is None or self.loop.warm_start_epochs >= 1, "loop.warm_start_epochs",
-                self.loop.warm_start_epochs, "null or an integer >= 1")
-        require(self.data.kind in DATA_KINDS and self.data.kind != "masks", "data.kind", self.data.kind,
+        require(self.data.kind != "masks", "data.kind", self.data.kind,
                 f"one of {[k for k in DATA_KINDS if k != 'masks']} (active learning needs images)")
-        require(self.data.kind == "digitscenes" or self.data.root is not None, "data.root", self.data.root,
-                f"the dataset folder (needed for data.kind={self.data.kind!r})")
-        require(0.0 < self.loop.synthetic.share < 1.0, "loop.synthetic.share", self.loop.synthetic.share,
-                "a number in (0, 1): the expected fraction of each batch drawn from the synthetic pairs")
-        require(self.loop.synthetic.root is None or Path(self.loop.synthetic.root, "dataset.json").is_file(),
-                "loop.synthetic.root", self.loop.synthetic.root, "a folder written by scripts/generate.py")
+        self.data.validate("data")
         require(self.annotator in ANNOTATORS, "annotator", self.annotator, f"one of {ANNOTATORS}")
         require(self.workers >= 1, "workers", self.workers, "an integer >= 1")
         require(self.workers == 1 or self.annotator == "oracle", "workers", self.workers,
@@ -251,19 +193,13 @@ def _init_worker(workers: int) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
-def _claim_data(path: Path, data: dict) -> None:
+def _claim_data(path: Path, data: DataConfig) -> None:
     """Record a run's data config, or refuse to resume a run that was made on other data (the
     loop's fingerprint covers the loop's settings only)."""
-    if path.exists():
-        recorded = {**asdict(DataConfig()), **json.loads(path.read_text())}  # fields added since: their defaults
-        differing = sorted(k for k in {*recorded, *data} if recorded.get(k) != data.get(k))
-        if differing:
-            raise StateMismatchError(
-                f"{path.parent} holds a run on other data (data.{', data.'.join(differing)}: "
-                f"{', '.join(repr(recorded.get(k)) for k in differing)} there, "
-                f"{', '.join(repr(data.get(k)) for k in differing)} now); use another output_dir")
-        return
-    atomic_write_bytes(path, json.dumps(data, indent=2).encode())
+    recorded = {"data": json.loads(path.read_text())} if path.exists() else None
+    if not check_resume(recorded, {"data": identity(data)}, path.parent, defaults={"data": identity(DataConfig())},
+                        remedy="use another output_dir"):
+        atomic_write_bytes(path, json.dumps(identity(data), indent=2).encode())
 
 
 def _run_task(config: ExperimentConfig, task: tuple[str, int], train_set: Optional[SegmentationDataset] = None,
@@ -278,7 +214,7 @@ def _run_task(config: ExperimentConfig, task: tuple[str, int], train_set: Option
         return supervised_reference(config, train_set, val_set, seed, device)
     state_dir = run_dir(Path(config.output_dir), name, seed)
     state_dir.mkdir(parents=True, exist_ok=True)
-    _claim_data(state_dir / DATA_CONFIG_NAME, asdict(config.data))
+    _claim_data(state_dir / DATA_CONFIG_NAME, config.data)
     oracle = HumanOracle(train_set.image_shapes()) if config.annotator == "human" else GroundTruthOracle(train_set)
     loop = ActiveLearningLoop(config.loop, name, seed, train_set, val_set, state_dir, oracle,
                               device=device, progress=config.progress and config.workers == 1,
@@ -290,7 +226,7 @@ def _run_task(config: ExperimentConfig, task: tuple[str, int], train_set: Option
 def run_experiment(config: ExperimentConfig) -> str:
     """Run (or resume) every acquisition x seed; write curve.csv, plots and a summary table.
     Returns the markdown summary. With ``annotator=human`` it stops with
-    :class:`al.loop.AwaitingAnnotations` whenever queries wait for a person."""
+    :class:`al.oracles.AwaitingAnnotations` whenever queries wait for a person."""
     config.validate()
     output_dir, device = Path(config.output_dir), config.resolved_device()
     # Several processes may share output_dir, one acquisition each (each run's folder is locked by

@@ -21,12 +21,13 @@ from matplotlib.figure import Figure
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from al.atomic import atomic_write_bytes
 from al.config import require
-from al.data.folder import atomic_write_bytes
+from al.data.config import DataConfig
 from al.diffusion_features import DiffusionFeaturesConfig, DiffusionFeatureSegmenter
-from al.experiment import DataConfig
-from al.loop import ModelConfig
+from al.models import ModelConfig
 from al.plots import save_figure
+from al.resume import check_resume, identity
 from al.train import (
     DenseTargetDataset,
     TrainConfig,
@@ -50,6 +51,7 @@ class FewLabelsConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     train_steps: int = 400
     progress: bool = True
+    overwrite: bool = False  # replace cells computed with other settings (refused otherwise)
 
     def validate(self) -> None:
         require(len(self.label_counts) > 0 and min(self.label_counts) >= 1, "label_counts", self.label_counts,
@@ -87,20 +89,29 @@ def train_cell(config: FewLabelsConfig, model_name: str, count: int, seed: int, 
     return evaluate(model, val_set).miou
 
 
+def cell_identity(config: dict, model_name: str) -> dict:
+    """What one cell's mIoU depends on: the settings but the grid's extent (seeds, counts, other
+    models) and where and how visibly it runs."""
+    values = identity(config, ("output_dir", "progress", "overwrite", "label_counts", "seeds"))
+    values["segmenter"] = values.pop("segmenters", {}).get(model_name)  # None: the diffusion-feature ensemble
+    return values
+
+
 def run_few_labels(config: FewLabelsConfig) -> str:
     """Run (or resume) every cell; write results.csv, summary.md and miou.png. Returns the summary."""
     config.validate()
     output = Path(config.output_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cells = [(m, n, s) for s in config.seeds for n in config.label_counts for m in config.models()]
-    identity = asdict(config)
     for model_name, count, seed in tqdm(cells, desc="few labels", disable=not config.progress):
         path = _cell_path(output, model_name, count, seed)
-        if path.exists() and json.loads(path.read_text())["config"] == identity:
+        recorded = cell_identity(json.loads(path.read_text())["config"], model_name) if path.exists() else None
+        if check_resume(recorded, cell_identity(asdict(config), model_name), path.parent, config.overwrite,
+                        defaults=cell_identity(asdict(FewLabelsConfig()), model_name)):
             continue
         miou = train_cell(config, model_name, count, seed, device)
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, json.dumps({"config": identity, "model": model_name, "labelled_images": count,
+        atomic_write_bytes(path, json.dumps({"config": identity(config), "model": model_name, "labelled_images": count,
                                              "seed": seed, "miou": miou}).encode())
     rows = [json.loads(_cell_path(output, m, n, s).read_text()) for m, n, s in cells]
     return write_results(config, rows, output)

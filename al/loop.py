@@ -10,26 +10,28 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Protocol, Union
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from al.acquisition import ACQUISITIONS, get_acquisition, pool_predictions
+from al.acquisition import get_acquisition, pool_predictions
+from al.atomic import atomic_write_bytes
 from al.config import require
-from al.data.base import DatasetError, SegmentationDataset
-from al.data.folder import atomic_write_bytes, load_folder
-from al.diffusion_features import DiffusionFeaturesConfig, DiffusionFeatureSegmenter
+from al.data.base import SegmentationDataset
+from al.diffusion_features import DiffusionFeatureSegmenter
 from al.folder_lock import FolderLock
 from al.labels import SparseLabels
-from al.models import ARCHITECTURES, Segmenter, build_segmenter, is_encoder, load_model
-from al.select import NotEnoughPixelsError, get_rule, top_n
+from al.loop_config import LoopConfig
+from al.models import load_model
+from al.oracles import AwaitingAnnotations, GroundTruthOracle, Oracle
+from al.resume import ResumeConflictError, differing_keys, identity
+from al.select import SELECTION_RULES, NotEnoughPixelsError, top_n
 from al.train import (
-    DenseTargetDataset,
     SparseTargetDataset,
     TrainConfig,
     TrainingSource,
@@ -37,129 +39,6 @@ from al.train import (
     evaluate,
     train_segmenter,
 )
-
-
-@dataclass
-class ModelConfig:
-    arch: str = "unet"
-    encoder: str = "tu-resnet10t"
-    dropout: float = 0.2
-    encoder_weights: Optional[str] = None
-    encoder_depth: int = 4
-    decoder_channels: Optional[list[int]] = field(default_factory=lambda: [64, 32, 16, 16])
-
-    def validate(self, prefix: str = "model") -> None:
-        """The architecture, encoder and shape settings, checked before anything is built."""
-        require(self.arch.lower() in ARCHITECTURES, f"{prefix}.arch", self.arch, f"one of {sorted(ARCHITECTURES)}")
-        require(is_encoder(self.encoder), f"{prefix}.encoder", self.encoder,
-                "an smp encoder name or 'tu-<timm model>' (smp.encoders.get_encoder_names(), timm.list_models())")
-        require(0.0 <= self.dropout < 1.0, f"{prefix}.dropout", self.dropout, "a number in [0, 1)")
-        require(1 <= self.encoder_depth <= 5, f"{prefix}.encoder_depth", self.encoder_depth, "an integer in [1, 5]")
-        require(self.decoder_channels is None or (len(self.decoder_channels) == self.encoder_depth
-                                                  and min(self.decoder_channels) >= 1),
-                f"{prefix}.decoder_channels", self.decoder_channels,
-                f"null or {self.encoder_depth} positive integers (one per encoder stage)")
-
-    def build(self, num_classes: int, difficulty_size: Optional[tuple[int, int]] = None) -> Segmenter:
-        decoder = tuple(self.decoder_channels) if self.decoder_channels is not None else None
-        return build_segmenter(
-            self.arch, self.encoder, num_classes, self.dropout, self.encoder_weights,
-            encoder_depth=self.encoder_depth, decoder_channels=decoder, difficulty_size=difficulty_size,
-        )
-
-
-@dataclass
-class SyntheticConfig:
-    """Dense synthetic pairs (a ``guidedgen`` output folder) added to every cycle's training."""
-
-    root: Optional[str] = None  # None = real sparse labels only
-    share: float = 0.5  # expected fraction of each batch drawn from the synthetic pairs
-    loss_weight: float = 1.0
-
-    def source(self, classes: list[str]) -> Optional[TrainingSource]:
-        if self.root is None:
-            return None
-        dataset = load_folder(self.root)
-        if list(dataset.classes) != list(classes):
-            raise DatasetError(f"{self.root}: synthetic classes {list(dataset.classes)} differ from the real ones "
-                               f"{list(classes)}; generate from masks of the same dataset")
-        return TrainingSource(DenseTargetDataset(dataset), self.share, self.loss_weight, "synthetic")
-
-
-@dataclass
-class DealConfig:
-    """DEAL's settings, used by the acquisitions that need its difficulty branch."""
-
-    # The attention is N x N over the logits resized to this; the paper uses about 1/6 of the
-    # image side (CamVid 60x80 for 360x480), which is 11 for 64-pixel DigitScenes.
-    size: list[int] = field(default_factory=lambda: [16, 16])
-    # Image-level rules (deal_ds, deal_de) score a random part of the pool per cycle, as the paper,
-    pool_fraction: float = 0.5
-    # and spend the cycle's pixel budget (pixels_per_image x pool) on this share of the pool's
-    # images, at random pixels inside them: the sparse-label stand-in for labelling whole images.
-    image_share: float = 0.1
-
-
-LEARNERS = ("segmenter", "diffusion_features")
-
-
-@dataclass
-class LoopConfig:
-    """Settings shared by the runs of an experiment; a run adds (acquisition, seed)."""
-
-    selection: str = "topn"
-    pixels_per_image: int = 5
-    cycles: int = 5
-    mc_samples: int = 20
-    # True: where the head upsamples (DeepLabV3+, FPN), the K softmaxes at the decoder's
-    # resolution and their statistics upsampled once (al.mc.mc_moments): 2.0-2.2x a forward instead
-    # of 6.2-7.1x on DeepLabV3+ at 512 px (docs/results/benchmarks.md); the reference upsamples first
-    mc_at_decoder_resolution: bool = False
-    inference_batch_size: int = 32
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-    learner: str = "segmenter"  # or "diffusion_features": a pixel-MLP ensemble on diffusion-UNet features
-    # False (PixelPick): every cycle retrains from the same initial weights. True: cycle c > 0
-    # fine-tunes cycle c-1's model for warm_start_epochs (None = train.epochs), so a small CPU
-    # budget per cycle still adds up to a well-trained model by the last cycle.
-    warm_start: bool = False
-    warm_start_epochs: Optional[int] = None
-    diffusion_features: DiffusionFeaturesConfig = field(default_factory=DiffusionFeaturesConfig)
-    deal: DealConfig = field(default_factory=DealConfig)
-
-    def epochs_of(self, cycle: int) -> int:
-        """Training epochs of ``cycle``'s model (from its starting weights)."""
-        if self.warm_start and cycle > 0 and self.warm_start_epochs is not None:
-            return self.warm_start_epochs
-        return self.train.epochs
-
-    def total_epochs(self) -> int:
-        """Epochs behind the last cycle's model, counted from the initial weights: the budget
-        a fully supervised reference gets."""
-        if not self.warm_start:
-            return self.train.epochs
-        return sum(self.epochs_of(cycle) for cycle in range(self.cycles + 1))
-
-    def fingerprint(self, acquisition: str, seed: int) -> str:
-        values = asdict(self)
-        # settings a run does not use stay out, so earlier runs keep their fingerprint
-        if self.synthetic.root is None:
-            values.pop("synthetic")
-        if not self.mc_at_decoder_resolution:  # earlier runs predate it
-            values.pop("mc_at_decoder_resolution")
-        if not self.warm_start:  # earlier runs predate warm starts
-            values.pop("warm_start")
-            values.pop("warm_start_epochs")
-        if self.learner == "segmenter":
-            values.pop("learner")
-            values.pop("diffusion_features")
-        else:
-            values.pop("model")
-        if acquisition not in ACQUISITIONS or not ACQUISITIONS[acquisition].needs_difficulty:
-            values.pop("deal")
-        identity = {"acquisition": acquisition, "seed": seed, **values}
-        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -171,62 +50,12 @@ class CycleRecord:
     acquired: bool = False
 
 
-class Oracle(Protocol):
-    """Answers label queries: the class of each queried pixel (or the void value)."""
-
-    def void_mask(self, image_id: str) -> Tensor:
-        """BoolTensor[H, W] of pixels known to be unlabellable before asking."""
-
-    def __call__(self, image_id: str, coords: Tensor) -> Optional[Tensor]:
-        """Classes ``[n]`` of pixels ``coords [n, 2]`` (row, col), or None when the answers
-        arrive later (a person answers through ``scripts/annotate.py``)."""
-
-
-class AwaitingAnnotations(RuntimeError):
-    """Queries are journaled and wait for a person; re-run the loop once they are answered."""
-
-    def __init__(self, state_dir: Path, tag: str, pending: int):
-        super().__init__(f"{pending} queried pixels of {tag!r} wait for an annotator: run "
-                         f"`python scripts/annotate.py --state {state_dir}`, answer them, then re-run this command")
-        self.state_dir, self.tag, self.pending = state_dir, tag, pending
-
-
-class HumanOracle:
-    """A person answers later, in the annotation page: nothing is known before asking."""
-
-    def __init__(self, shapes: dict[str, tuple[int, int]]):
-        self.shapes = shapes
-
-    def void_mask(self, image_id: str) -> Tensor:
-        return torch.zeros(self.shapes[image_id], dtype=torch.bool)
-
-    def __call__(self, image_id: str, coords: Tensor) -> None:
-        return None
-
-
-class GroundTruthOracle:
-    """Simulated annotator reading the dense masks of a dataset."""
-
-    def __init__(self, dataset: SegmentationDataset):
-        self.dataset = dataset
-
-    def _mask(self, image_id: str) -> Tensor:
-        return self.dataset[self.dataset.index_of(image_id)].mask
-
-    def void_mask(self, image_id: str) -> Tensor:
-        return self._mask(image_id) == self.dataset.ignore_index
-
-    def __call__(self, image_id: str, coords: Tensor) -> Tensor:
-        mask = self._mask(image_id)
-        return mask[coords[:, 0], coords[:, 1]]
-
-
 def _derived_generator(device: torch.device, *key: Union[int, str]) -> torch.Generator:
     seed = int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "little")
     return torch.Generator(device=device).manual_seed(seed)
 
 
-class StateMismatchError(RuntimeError):
+class StateMismatchError(ResumeConflictError):
     """The state directory belongs to a run with a different configuration."""
 
 
@@ -249,13 +78,13 @@ class ActiveLearningLoop:
         """``shared_dir``: where runs of one experiment share their cycle-0 model. Every
         acquisition of a seed starts from the same labels and weights, so that model is the
         same for all of them (but DEAL's, which trains a difficulty branch too)."""
+        config.validate()
         self.config, self.acquisition, self.seed = config, acquisition, seed
         self.shared_dir = Path(shared_dir) if shared_dir is not None else None
         self.train_set, self.val_set = train_set, val_set
-        self.spec, self.rule = get_acquisition(acquisition), get_rule(config.selection)
-        if self.spec.needs_difficulty and config.learner != "segmenter":
-            raise ValueError(f"acquisition {acquisition!r} needs DEAL's difficulty branch, which only "
-                             f"learner=segmenter has (got learner={config.learner!r})")
+        self.spec, self.rule = get_acquisition(acquisition), SELECTION_RULES.lookup(config.selection)
+        require(not self.spec.needs_difficulty or config.learner == "segmenter", "acquisition", acquisition,
+                f"an acquisition without DEAL's difficulty branch (only learner=segmenter has it; got {config.learner!r})")
         self.state_dir = Path(state_dir)
         self.oracle = oracle if oracle is not None else GroundTruthOracle(train_set)
         self.device, self.progress = torch.device(device), progress
@@ -277,8 +106,11 @@ class ActiveLearningLoop:
             return []
         state = json.loads(self.state_path.read_text())
         if state["fingerprint"] != self.config.fingerprint(self.acquisition, self.seed):
+            recorded = {k: state.get(k) for k in ("acquisition", "seed", "config")}
+            current = identity({"acquisition": self.acquisition, "seed": self.seed, "config": asdict(self.config)})
+            keys = ", ".join(differing_keys(identity(recorded), current)[:6])
             raise StateMismatchError(
-                f"{self.state_dir} holds a run with a different configuration; use another output_dir "
+                f"{self.state_dir} holds a run with a different configuration ({keys}); use another output_dir "
                 f"or delete that folder to start over"
             )
         return [CycleRecord(**record) for record in state["cycles"]]

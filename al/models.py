@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
@@ -20,7 +20,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from al.config import require
 from al.deal import DifficultyBranch
+from al.diffusion_features import ENSEMBLE_RECORD, DiffusionFeatureSegmenter
 from al.pretrained import LOCAL_ENCODER_WEIGHTS
 
 ARCHITECTURES: dict[str, type] = {
@@ -108,6 +110,12 @@ class Segmenter(nn.Module):
     @property
     def num_classes(self) -> int:
         return self.config.num_classes
+
+    num_members = 1  # as a guide (guidedgen.guidance.Guide): one member
+
+    def member_probs(self, images: Tensor) -> Tensor:
+        """The softmax as a one-member stack, differentiable. ``[N, 3, H, W] -> [1, N, C, H, W]``."""
+        return self(images).softmax(1)[None]
 
     def features(self, images: Tensor) -> Tensor:
         """Decoder output for images in [0, 1]. Shape: ``[N, 3, H, W] -> [N, D, h, w]``."""
@@ -294,11 +302,39 @@ def build_segmenter(
     return Segmenter(config, encoder_weights)
 
 
+@dataclass
+class ModelConfig:
+    arch: str = "unet"
+    encoder: str = "tu-resnet10t"
+    dropout: float = 0.2
+    encoder_weights: Optional[str] = None
+    encoder_depth: int = 4
+    decoder_channels: Optional[list[int]] = field(default_factory=lambda: [64, 32, 16, 16])
+
+    def validate(self, prefix: str = "model") -> None:
+        """The architecture, encoder and shape settings, checked before anything is built."""
+        require(self.arch.lower() in ARCHITECTURES, f"{prefix}.arch", self.arch, f"one of {sorted(ARCHITECTURES)}")
+        require(is_encoder(self.encoder), f"{prefix}.encoder", self.encoder,
+                "an smp encoder name or 'tu-<timm model>' (smp.encoders.get_encoder_names(), timm.list_models())")
+        require(0.0 <= self.dropout < 1.0, f"{prefix}.dropout", self.dropout, "a number in [0, 1)")
+        require(1 <= self.encoder_depth <= 5, f"{prefix}.encoder_depth", self.encoder_depth, "an integer in [1, 5]")
+        require(self.decoder_channels is None or (len(self.decoder_channels) == self.encoder_depth
+                                                  and min(self.decoder_channels) >= 1),
+                f"{prefix}.decoder_channels", self.decoder_channels,
+                f"null or {self.encoder_depth} positive integers (one per encoder stage)")
+
+    def build(self, num_classes: int, difficulty_size: Optional[tuple[int, int]] = None) -> Segmenter:
+        decoder = tuple(self.decoder_channels) if self.decoder_channels is not None else None
+        return build_segmenter(
+            self.arch, self.encoder, num_classes, self.dropout, self.encoder_weights,
+            encoder_depth=self.encoder_depth, decoder_channels=decoder, difficulty_size=difficulty_size,
+        )
+
+
+
 def load_model(directory: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu") -> nn.Module:
     """Any model the project saves: a :class:`Segmenter`, or a diffusion-feature pixel ensemble
     (``al.diffusion_features.DiffusionFeatureSegmenter``, recognised by its ``segmenter.json``)."""
-    if (Path(directory) / "segmenter.json").is_file():
-        from al.diffusion_features import DiffusionFeatureSegmenter
-
+    if (Path(directory) / ENSEMBLE_RECORD).is_file():
         return DiffusionFeatureSegmenter.from_pretrained(directory, device)
     return Segmenter.from_pretrained(directory).to(device)

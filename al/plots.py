@@ -13,7 +13,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
-from al.data.folder import atomic_write_bytes
+from al.atomic import atomic_write_bytes
 
 
 def save_figure(figure: Figure, path: Union[str, os.PathLike]) -> None:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from al.moments import MCMoments
+from al.registry import Registry
 
 MCSamples = Union[Tensor, MCMoments]  # [K, N, C, *S] stack, or its streamed sums
 
@@ -133,7 +134,7 @@ def random_score(mc_probs: MCSamples, generator: Optional[torch.Generator] = Non
 
 
 def _balent_terms(mean: Tensor, var: Tensor, floored_beta: bool) -> tuple[Tensor, Tensor]:
-    """Ent and MJEnt of SPEC section 1 from float64 moments over the MC axis.
+    """Ent and MJEnt (docs/methods.md#balanced-entropy) from float64 moments over the MC axis.
 
     Shape: ``mean, var [C, P] -> (ent [P], mjent [P])``.
     """
@@ -218,7 +219,7 @@ def _balent_acquisition_value(ent: Tensor, mjent: Tensor) -> Tensor:
 def balanced_entropy(mc_probs: MCSamples) -> Tensor:
     """Balanced entropy ``BalEnt = (MJEnt + ln 2) / (Ent + ln 2)`` (Woo, ICLR 2023).
 
-    MJEnt is the marginalised joint entropy of SPEC section 1: each class probability is fitted
+    MJEnt is the marginalised joint entropy (docs/methods.md#balanced-entropy): each class probability is fitted
     by a Beta distribution (moments over the K samples) and its posterior differential entropy,
     weighted by the mean probability and clipped at 0, is added to the entropy of the mean. lnB
     carries the reference code's floor (``log(B + 1e-32)``), as in :func:`balent_acquisition`.
@@ -235,7 +236,7 @@ def balent_acquisition(mc_probs: MCSamples) -> Tensor:
 
     ``score = (Ent + ln 2) / MJEnt``; where ``score < 0``, ``score <- 1 / score``; rank largest
     first. lnB is ``log(exp(lnB) + 1e-32)``, floored at ~-73.7: with MC-dropout samples that
-    floor is active on most pixels and decides the ranking (SPEC section 1). A NaN MJEnt was
+    floor is active on most pixels and decides the ranking (docs/methods.md#the-lnb-floor). A NaN MJEnt was
     replaced by -1e11, so such pixels rank last.
 
     Shape: ``[K, N, C, *S] -> [N, *S]`` float64; needs K >= 2.
@@ -247,7 +248,7 @@ def balent_acquisition_exact(mc_probs: MCSamples) -> Tensor:
     """:func:`balent_acquisition` with the exact Beta function (lnB by lgamma, no 1e-32 floor).
 
     The paper's formula rather than its code: on MC-dropout samples it ranks pixels in nearly
-    the opposite order to the reference (SPEC section 1). Shape: ``[K, N, C, *S] -> [N, *S]``.
+    the opposite order to the reference (docs/methods.md#the-lnb-floor). Shape: ``[K, N, C, *S] -> [N, *S]``.
     """
     return _balent_map(mc_probs, _balent_acquisition_value, floored_beta=False)
 
@@ -271,8 +272,9 @@ def _ignores_generator(fn: Callable[[MCSamples], Tensor]) -> ScoreFn:
     return score
 
 
-# Config name -> score(mc_probs, generator). Deterministic scores ignore the generator.
-SCORES: dict[str, ScoreFn] = {
+# Config name -> score(mc_probs, generator). Deterministic scores ignore the generator. Open:
+# register_score("name", fn) makes fn an acquisition of the loop and of config validation.
+SCORES: Registry[ScoreFn] = Registry("acquisition score", {
     "balent": _ignores_generator(balent_acquisition),
     "balent_exact": _ignores_generator(balent_acquisition_exact),
     "balanced_entropy": _ignores_generator(balanced_entropy),
@@ -282,12 +284,5 @@ SCORES: dict[str, ScoreFn] = {
     "mean_std": _ignores_generator(mean_std),
     "power_bald": lambda mc_probs, generator=None: power_bald(mc_probs, generator),
     "random": random_score,
-}
-
-
-def get_score(name: str) -> ScoreFn:
-    """Look up a score by config name; an unknown name lists the valid ones."""
-    try:
-        return SCORES[name]
-    except KeyError:
-        raise KeyError(f"unknown acquisition score {name!r}; choose one of {sorted(SCORES)}") from None
+})
+register_score = SCORES.register

@@ -13,6 +13,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from al.registry import Registry
+
 
 class NotEnoughPixelsError(ValueError):
     """An image has fewer unlabelled pixels than the number asked for."""
@@ -68,15 +70,9 @@ def pixelpick(
 
 SelectFn = Callable[[Tensor, Tensor, int, Optional[torch.Generator]], Tensor]
 
-SELECTION_RULES: dict[str, SelectFn] = {
+# Config name (loop.selection) -> rule; open: register_selection("name", fn).
+SELECTION_RULES: Registry[SelectFn] = Registry("selection rule", {
     "topn": top_n,
     "pixelpick": pixelpick,
-}
-
-
-def get_rule(name: str) -> SelectFn:
-    """Look up a selection rule by config name; an unknown name lists the valid ones."""
-    try:
-        return SELECTION_RULES[name]
-    except KeyError:
-        raise KeyError(f"unknown selection rule {name!r}; choose one of {sorted(SELECTION_RULES)}") from None
+})
+register_selection = SELECTION_RULES.register

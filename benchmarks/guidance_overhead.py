@@ -123,7 +123,8 @@ def digits_setup(args) -> Setup:
     from al.config import load_config
     from al.metrics import SegmentationScores, confusion_matrix
     from al.models import load_model
-    from guidedgen.generate import GenerateConfig, build_components, build_palette, build_sampler
+    from guidedgen.generate import GenerateConfig, build_components, build_sampler
+    from guidedgen.palette import build_palette
     from guidedgen.guidance import build_objective
     from guidedgen.palette import prompt_for
     from guidedgen.quality import JUDGE_DIR, load_judge

@@ -25,14 +25,9 @@ import torch
 from al.config import load_config
 from al.metrics import SegmentationScores, confusion_matrix
 from al.models import load_model
-from guidedgen.generate import (
-    GenerateConfig,
-    build_components,
-    build_palette,
-    build_sampler,
-)
+from guidedgen.generate import GenerateConfig, build_components, build_sampler
 from guidedgen.guidance import build_objective
-from guidedgen.palette import prompt_for
+from guidedgen.palette import build_palette, prompt_for
 from guidedgen.quality import JUDGE_DIR, load_judge
 from guidedgen.writer import sample_seed
 

@@ -11,7 +11,8 @@ sample of this VAE can reach).
         output_dir=models/digitscenes-judge   # remakes the judge (about 42 minutes on 2 cores)
 
 The sampling defaults are the committed model's (CFG 4 against a no-label mask, conditioning
-scale 1.5, 20 DDIM steps); ``--negative-mask none`` is diffusers' CFG, whose negative branch
+scale 1.5, 20 DDIM steps), read from configs/base/digitscenes_controlnet.yaml, the file the
+generation configs include; ``--negative-mask none`` is diffusers' CFG, whose negative branch
 sees the mask too.
 
 Last line: ``mask_fidelity: <mIoU of generated images>``.
@@ -26,15 +27,19 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from al.config import load_config
 from al.data import DigitScenesConfig, digit_scenes
 from al.metrics import SegmentationScores, confusion_matrix
 from al.models import Segmenter
 from al.plots import class_colours, save_figure
 from guidedgen.components import SCHEDULERS, ComponentsConfig, load_components
-from guidedgen.generate import PaletteConfig, build_palette, negative_mask_fill
-from guidedgen.palette import prompt_for
+from guidedgen.generate import GenerateConfig, negative_mask_fill
+from guidedgen.palette import PaletteConfig, build_palette, prompt_for
 from guidedgen.quality import JUDGE_DIR, load_judge
 from guidedgen.sampler import GuidedControlNetSampler
+
+# the committed model and its sampling settings, as the generation configs use them
+MODEL_SETTINGS = Path(__file__).resolve().parents[1] / "configs" / "base" / "digitscenes_controlnet.yaml"
 
 
 def miou(segmenter: Segmenter, images: torch.Tensor, masks: torch.Tensor, num_classes: int,
@@ -71,15 +76,17 @@ def sheet(masks, generated, predictions, real, colours, path: Path, rows: int = 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="models/digitscenes-controlnet")
+    # defaults: the committed model's sampling settings (its model card), so a bare run measures it as shipped
+    shipped = load_config(GenerateConfig, MODEL_SETTINGS)
+    parser.add_argument("--model", default=shipped.components.pretrained_model_name_or_path)
     parser.add_argument("--judge", default=JUDGE_DIR)
     parser.add_argument("--count", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--scheduler", default="ddim", choices=sorted(SCHEDULERS))
-    # defaults: the committed model's sampling settings (its model card), so a bare run measures it as shipped
-    parser.add_argument("--guidance-scale", type=float, default=4.0)
-    parser.add_argument("--conditioning-scale", type=float, default=1.5, help="controlnet_conditioning_scale")
-    parser.add_argument("--negative-mask", default="ignore",
+    parser.add_argument("--steps", type=int, default=shipped.num_inference_steps)
+    parser.add_argument("--scheduler", default=shipped.components.scheduler, choices=sorted(SCHEDULERS))
+    parser.add_argument("--guidance-scale", type=float, default=shipped.guidance_scale)
+    parser.add_argument("--conditioning-scale", type=float, default=shipped.controlnet_conditioning_scale[0],
+                        help="controlnet_conditioning_scale")
+    parser.add_argument("--negative-mask", default=shipped.negative_mask or "none",
                         help='what the CFG negative branch sees instead of the mask: "ignore", a class name, '
                              'or "none" (it sees the mask itself, as in diffusers)')
     parser.add_argument("--batch", type=int, default=16)
@@ -101,7 +108,7 @@ def main() -> None:
     real = torch.from_numpy(data.images).permute(0, 3, 1, 2).float() / 255
     palette = build_palette(PaletteConfig(), classes, data.ignore_index)
     sampler = GuidedControlNetSampler(components, palette, num_inference_steps=args.steps,
-                                      guidance_scale=args.guidance_scale, negative_prompt="",
+                                      guidance_scale=args.guidance_scale, negative_prompt=shipped.negative_prompt,
                                       controlnet_conditioning_scale=[args.conditioning_scale],
                                       negative_mask_fill=negative_mask_fill(negative_mask, classes, data.ignore_index))
     start = time.perf_counter()

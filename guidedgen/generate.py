@@ -7,7 +7,6 @@ each process writes only its own finished samples, and a re-run resumes.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -20,8 +19,9 @@ from tqdm.auto import tqdm
 
 from al.config import ConfigError, require
 from al.data.base import DatasetError, SegmentationDataset, read_index_mask
+from al.data.config import DataConfig
 from al.data.folder import load_folder, read_metadata
-from al.experiment import DATA_KINDS, DataConfig
+from al.diffusion_features import ENSEMBLE_RECORD
 from al.folder_lock import FolderLock
 from al.models import Segmenter, load_model
 from al.scores import entropy
@@ -34,13 +34,14 @@ from guidedgen.components import (
     tiny_components,
 )
 from guidedgen.controls import CONTROL_DETECTORS
-from guidedgen.guidance import OBJECTIVES, build_objective
+from guidedgen.guidance import OBJECTIVES, LastLayerGuide, build_objective
 from guidedgen.instances import Instance, InstanceConfig, find_instances, instance_mask, make_crop, paste
 from guidedgen.palette import (
     DEFAULT_NEGATIVE_PROMPT,
     DEFAULT_PROMPT_TEMPLATE,
     Palette,
-    distinct_ade20k_colours,
+    PaletteConfig,
+    build_palette,
     prompt_for,
 )
 from guidedgen.quality import assess
@@ -75,13 +76,6 @@ class GuidanceConfig:
     def objective_options(self) -> dict:
         return {"committee": {"kind": self.committee_kind}, "expected_model_change": {"labels": self.emc_labels},
                 "mc_dropout_std": {"k": self.mc_samples}}.get(self.objective, {})
-
-
-@dataclass
-class PaletteConfig:
-    ade20k_mapping: Optional[dict[str, str]] = None  # class name -> ADE20K class name
-    colours: Optional[list[list[int]]] = None  # custom RGB per class
-    # neither: C far-apart ADE20K colours (guidedgen.palette.distinct_ade20k_colours)
 
 
 @dataclass
@@ -130,9 +124,7 @@ class GenerateConfig:
         require(self.num_inference_steps >= 1, "num_inference_steps", self.num_inference_steps, "an integer >= 1")
         require(self.guidance.objective is None or self.guidance.objective in OBJECTIVES, "guidance.objective",
                 self.guidance.objective, f"null or one of {sorted(OBJECTIVES)}")
-        require(math.isfinite(self.guidance.strength) and self.guidance.strength >= 0, "guidance.strength",
-                self.guidance.strength, "a finite number >= 0 (0 = unguided)")
-        try:  # the schedule checks its own window, step, normalisation and clip
+        try:  # the schedule checks its own strength, window, step, normalisation and clip
             self.guidance.schedule()
         except ValueError as error:
             raise ConfigError(f"config key 'guidance': {error}") from None
@@ -143,12 +135,17 @@ class GenerateConfig:
         require(self.guidance.normalize in NORMALISATIONS, "guidance.normalize", self.guidance.normalize, f"one of {NORMALISATIONS}")
         require(self.guidance.strength == 0 or self.guidance.objective is None or len(self.guidance.segmenters) > 0,
                 "guidance.segmenters", self.guidance.segmenters, "at least one segmenter folder when strength > 0")
+        last_layer = self.guidance.objective in OBJECTIVES and OBJECTIVES[self.guidance.objective].guide is LastLayerGuide
+        for path in self.guidance.segmenters:  # a pixel ensemble has no separate last layer
+            require(not last_layer or not Path(path, ENSEMBLE_RECORD).is_file(), "guidance.segmenters", path,
+                    f"a Segmenter folder: objective {self.guidance.objective!r} reads the last layer, which a "
+                    f"diffusion-feature ensemble has not (guide it with entropy or committee)")
         for path in self.guidance.segmenters + ([self.quality_segmenter] if self.quality_segmenter else []):
             require(Path(path, "config.json").is_file(), "guidance.segmenters", path, "a folder written by Segmenter.save_pretrained (or a diffusion-feature ensemble)")
         require(self.components.scheduler in SCHEDULERS, "components.scheduler", self.components.scheduler, f"one of {sorted(SCHEDULERS)}")
         require(self.components.mixed_precision in TORCH_DTYPES, "components.mixed_precision",
                 self.components.mixed_precision, f"one of {sorted(TORCH_DTYPES)}")
-        require(self.masks.kind in DATA_KINDS, "masks.kind", self.masks.kind, f"one of {list(DATA_KINDS)}")
+        self.masks.validate("masks")
         if self.instances is not None:
             self.instances.validate()
             require(self.masks.kind != "masks", "instances", "set", "null with masks.kind=masks: instance mode "
@@ -171,14 +168,6 @@ class GenerateConfig:
                     "contact_sheet_file", "vae_gradient_checkpointing", "vae_slicing"):
             values.pop(key)
         return values
-
-
-def build_palette(config: PaletteConfig, classes: list[str], ignore_index: int) -> Palette:
-    if config.colours is not None:
-        return Palette(tuple(classes), np.array(config.colours, dtype=np.uint8), ignore_index)
-    if config.ade20k_mapping is not None:
-        return Palette.from_ade20k(classes, config.ade20k_mapping, ignore_index)
-    return Palette(tuple(classes), distinct_ade20k_colours(len(classes)), ignore_index)
 
 
 def build_components(config: GenerateConfig, device: torch.device) -> Components:

@@ -7,18 +7,20 @@ differentiable w.r.t. ``images``; the sampler *increases* it. The per-pixel math
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from al.config import ConfigError
 from al.mc import sample_head
 from al.models import Segmenter
+from al.registry import Registry
 from al.scores import bald, entropy, mean_std
 
 
-def _valid_mean(per_pixel: Tensor, masks: Tensor, ignore_index: int) -> Tensor:
+def valid_mean(per_pixel: Tensor, masks: Tensor, ignore_index: int) -> Tensor:
     """Mean over non-ignored pixels per image. ``[N, H, W] -> [N]``."""
     valid = (masks != ignore_index).to(per_pixel.dtype)
     return (per_pixel * valid).flatten(1).sum(1) / valid.flatten(1).sum(1).clamp_min(1.0)
@@ -41,14 +43,65 @@ def last_layer_gradient_norm(inputs: Tensor, probs: Tensor, labels: Tensor, igno
     return (grad_weight.square().flatten(1).sum(1) + grad_bias.square().sum(1)).sqrt()
 
 
-class _SegmenterObjective(nn.Module):
+@runtime_checkable
+class Guide(Protocol):
+    """What every objective asks of a guiding model (an ``nn.Module``): its members' softmax,
+    differentiable w.r.t. the images. :class:`al.models.Segmenter` has one member; a
+    diffusion-feature ensemble has several; :class:`LogitsGuide` wraps any other model."""
+
+    num_members: int
+
+    def member_probs(self, images: Tensor) -> Tensor:
+        """``[N, 3, H, W]`` in [0, 1] -> ``[num_members, N, C, H, W]``."""
+
+
+@runtime_checkable
+class LastLayerGuide(Guide, Protocol):
+    """What an objective on the last layer asks too (expected model change, MC-dropout std): the
+    trunk and the dropout + 1x1 head apart, as :class:`al.models.Segmenter` has them."""
+
+    def features(self, images: Tensor) -> Tensor: ...
+
+    def classifier_inputs(self, features: Tensor) -> Tensor: ...
+
+    def classify(self, features: Tensor, generator: Optional[torch.Generator] = None,
+                 stochastic: bool = False) -> Tensor: ...
+
+
+class LogitsGuide(nn.Module):
+    """Any segmentation model as a one-member :class:`Guide`: ``model(images)`` returns logits
+    ``[N, C, h, w]`` (or an output with ``.logits``, as Hugging Face models do), upsampled
+    bilinearly to the images' size. ``normalize``: turns the [0, 1] images into what the model
+    expects (e.g. ImageNet mean/std)."""
+
+    num_members = 1
+
+    def __init__(self, model: nn.Module, normalize: Optional[Callable[[Tensor], Tensor]] = None):
+        super().__init__()
+        self.model, self.normalize = model, normalize
+
+    def member_probs(self, images: Tensor) -> Tensor:
+        output = self.model(self.normalize(images) if self.normalize is not None else images)
+        logits = getattr(output, "logits", output)
+        if logits.shape[-2:] != images.shape[-2:]:
+            logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return logits.softmax(1)[None]
+
+
+class SegmenterObjective(nn.Module):
     """Holds the guiding segmenters (frozen, eval mode) and the ignore value of the masks."""
 
     min_segmenters = 1
+    guide: type = Guide  # the protocol every guiding model must follow for this objective
 
-    def __init__(self, segmenters: Sequence[Segmenter], ignore_index: int = 255):
+    def __init__(self, segmenters: Sequence[Guide], ignore_index: int = 255):
         super().__init__()
-        members = sum(getattr(segmenter, "num_members", 1) for segmenter in segmenters)
+        for segmenter in segmenters:
+            if not isinstance(segmenter, self.guide):
+                raise ConfigError(f"{type(self).__name__} needs guides that follow {self.guide.__name__} "
+                                  f"(guidedgen.guidance); a {type(segmenter).__name__} does not"
+                                  + ("" if self.guide is Guide else ": guide with entropy or committee instead"))
+        members = sum(segmenter.num_members for segmenter in segmenters)
         if members < self.min_segmenters:
             raise ValueError(f"{type(self).__name__} needs at least {self.min_segmenters} committee members, got {members}")
         self.segmenters = nn.ModuleList(segmenters)
@@ -59,18 +112,17 @@ class _SegmenterObjective(nn.Module):
     def member_probs(self, images: Tensor) -> Tensor:
         """Softmax of every segmenter stacked as the K axis: ``[K, N, C, H, W]``. An ensemble
         (``al.diffusion_features.DiffusionFeatureSegmenter``) contributes each of its members."""
-        return torch.cat([segmenter.member_probs(images) if hasattr(segmenter, "member_probs")
-                          else segmenter(images).softmax(1)[None] for segmenter in self.segmenters])
+        return torch.cat([segmenter.member_probs(images) for segmenter in self.segmenters])
 
 
-class PredictiveEntropy(_SegmenterObjective):
+class PredictiveEntropy(SegmenterObjective):
     """Mean per-pixel entropy of the (committee-averaged) prediction."""
 
     def forward(self, images: Tensor, masks: Tensor) -> Tensor:
-        return _valid_mean(entropy(self.member_probs(images)), masks, self.ignore_index)
+        return valid_mean(entropy(self.member_probs(images)), masks, self.ignore_index)
 
 
-class CommitteeDisagreement(_SegmenterObjective):
+class CommitteeDisagreement(SegmenterObjective):
     """Disagreement of >= 2 segmenters (seeds, epoch snapshots, or pixel-MLP ensemble members).
 
     ``kind="kl"``: mean KL of each member to the consensus (= BALD over members).
@@ -87,16 +139,18 @@ class CommitteeDisagreement(_SegmenterObjective):
 
     def forward(self, images: Tensor, masks: Tensor) -> Tensor:
         per_pixel = (bald if self.kind == "kl" else entropy)(self.member_probs(images))
-        return _valid_mean(per_pixel, masks, self.ignore_index)
+        return valid_mean(per_pixel, masks, self.ignore_index)
 
 
-class ExpectedModelChange(_SegmenterObjective):
+class ExpectedModelChange(SegmenterObjective):
     """Norm of the segmenter's last-layer gradient of CE (averaged over the committee).
 
     ``labels="mask"``: the conditioning mask is the label (the synthetic sample's mask is known).
     ``labels="sampled"``: classic expected gradient length, averaged over ``num_label_samples``
     label maps drawn from the model's own prediction.
     """
+
+    guide = LastLayerGuide
 
     def __init__(self, segmenters: Sequence[Segmenter], ignore_index: int = 255, labels: str = "mask",
                  num_label_samples: int = 4, generator: Optional[torch.Generator] = None):
@@ -122,8 +176,10 @@ class ExpectedModelChange(_SegmenterObjective):
         return torch.stack(norms).sum(0) / len(self.segmenters)
 
 
-class MCDropoutStd(_SegmenterObjective):
+class MCDropoutStd(SegmenterObjective):
     """Ablation: mean per-pixel std of last-layer MC-dropout samples (found too noisy to guide)."""
+
+    guide = LastLayerGuide
 
     def __init__(self, segmenters: Sequence[Segmenter], ignore_index: int = 255, k: int = 8,
                  generator: Optional[torch.Generator] = None):
@@ -133,33 +189,33 @@ class MCDropoutStd(_SegmenterObjective):
     def forward(self, images: Tensor, masks: Tensor) -> Tensor:
         segmenter = self.segmenters[0]
         samples = sample_head(segmenter, segmenter.features(images), self.k, self.generator)
-        return _valid_mean(mean_std(samples), masks, self.ignore_index)
+        return valid_mean(mean_std(samples), masks, self.ignore_index)
 
 
-class CrossEntropyToMask(_SegmenterObjective):
+class CrossEntropyToMask(SegmenterObjective):
     """Ablation: CE of the prediction against the conditioning mask (ill-posed: raising it can
     push the image towards other classes)."""
 
     def forward(self, images: Tensor, masks: Tensor) -> Tensor:
         logits = torch.stack([segmenter(images) for segmenter in self.segmenters]).mean(0)
         per_pixel = F.cross_entropy(logits, torch.where(masks == self.ignore_index, 0, masks).long(), reduction="none")
-        return _valid_mean(per_pixel, masks, self.ignore_index)
+        return valid_mean(per_pixel, masks, self.ignore_index)
 
 
 ObjectiveFactory = Callable[..., nn.Module]
 
 # Config name -> objective class; each is built as cls(segmenters, ignore_index, **options).
-OBJECTIVES: dict[str, ObjectiveFactory] = {
+# Open: register_objective("name", cls).
+OBJECTIVES: Registry[ObjectiveFactory] = Registry("guidance objective", {
     "entropy": PredictiveEntropy,
     "committee": CommitteeDisagreement,
     "expected_model_change": ExpectedModelChange,
     "mc_dropout_std": MCDropoutStd,
     "cross_entropy": CrossEntropyToMask,
-}
+})
+register_objective = OBJECTIVES.register
 
 
 def build_objective(name: str, segmenters: Sequence[Segmenter], ignore_index: int = 255, **options) -> nn.Module:
     """Build a registered objective; an unknown name lists the valid ones."""
-    if name not in OBJECTIVES:
-        raise KeyError(f"unknown guidance objective {name!r}; choose one of {sorted(OBJECTIVES)}")
-    return OBJECTIVES[name](segmenters, ignore_index, **options)
+    return OBJECTIVES.lookup(name)(segmenters, ignore_index, **options)

@@ -119,3 +119,18 @@ def prompt_for(mask: Tensor, classes: Sequence[str], template: str = DEFAULT_PRO
     """``template`` with ``{classes}`` = the names of the classes present in ``mask [H, W]``."""
     present = [classes[i] for i in torch.unique(mask).tolist() if 0 <= i < len(classes) and classes[i] not in skip]
     return template.format(classes=", ".join(present) if present else "a scene")
+
+
+@dataclass
+class PaletteConfig:
+    ade20k_mapping: Optional[dict[str, str]] = None  # class name -> ADE20K class name
+    colours: Optional[list[list[int]]] = None  # custom RGB per class
+    # neither: C far-apart ADE20K colours (distinct_ade20k_colours)
+
+
+def build_palette(config: PaletteConfig, classes: list[str], ignore_index: int) -> Palette:
+    if config.colours is not None:
+        return Palette(tuple(classes), np.array(config.colours, dtype=np.uint8), ignore_index)
+    if config.ade20k_mapping is not None:
+        return Palette.from_ade20k(classes, config.ade20k_mapping, ignore_index)
+    return Palette(tuple(classes), distinct_ade20k_colours(len(classes)), ignore_index)

@@ -29,19 +29,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import numpy as np
 import torch
-from matplotlib.figure import Figure
 
+from al.atomic import atomic_write_bytes
 from al.config import ConfigError, require
 from al.data.base import SegmentationDataset
-from al.data.folder import atomic_write_bytes, load_folder, read_metadata
-from al.experiment import DataConfig
+from al.data.config import DataConfig
+from al.data.folder import load_folder, read_metadata
 from al.folder_lock import FolderLock
-from al.loop import ModelConfig
 from al.metrics import confusion_matrix, iou_per_class
-from al.models import Segmenter
-from al.plots import save_figure
+from al.models import ModelConfig, Segmenter
+from al.resume import check_resume, identity
 from al.train import (
     DenseTargetDataset,
     TrainConfig,
@@ -53,11 +51,11 @@ from guidedgen.generate import GenerateConfig, GuidanceConfig, run_generation
 from guidedgen.guidance import OBJECTIVES, build_objective
 from guidedgen.instances import InstanceConfig, find_instances
 from guidedgen.loss_filter import DEFAULT_MARGIN, class_mean_losses, filter_by_loss, pixel_losses
+from guidedgen.pipeline_report import REAL_ONLY, write_results
 from guidedgen.quality import load_judge
 from guidedgen.sheet import sets_sheet
 
 UNGUIDED = "unguided"
-REAL_ONLY = "real only"
 REAL_PLUS = "real + "  # the condition of a retrained row: REAL_PLUS + set name
 FILTERED = " filtered"  # set name suffix of a label-filtered set
 LOSS_FILTERED = " loss-filtered"  # set name suffix of a set filtered by FreeMask's pixel filter
@@ -111,6 +109,9 @@ class PipelineConfig:
     recipes: list[str] = field(default_factory=lambda: ["joint"])
     generation: GenerateConfig = field(default_factory=GenerateConfig)  # models, steps, guidance strength...
     progress: bool = True
+    # Segmenters and sets made with other settings are refused (naming them) unless overwrite:
+    # then they are replaced; those made with these settings are reused either way.
+    overwrite: bool = False
 
     def validate(self) -> None:
         self.train.validate("train")
@@ -138,8 +139,9 @@ class PipelineConfig:
             except ValueError as error:
                 raise ConfigError(f"config key {'variants.' + name if name in self.variants else 'generation.guidance'!r}: "
                                   f"{error}") from None
-        require(self.committee_size >= (2 if self._objectives_seen("committee") else 1), "committee_size",
-                self.committee_size, "an integer >= 2 when 'committee' is a condition or a selection (>= 1 otherwise)")
+        needed = self._segmenters_needed()
+        require(self.committee_size >= needed, "committee_size", self.committee_size,
+                f"an integer >= {needed}: the most members a condition's objective (guiding or selecting) needs")
         require(self.judge is not None or not self.label_filter, "judge", self.judge, "a judge folder when label_filter is on")
         require(self.loss_filter_margin > 0 and math.isfinite(self.loss_filter_margin), "loss_filter_margin",
                 self.loss_filter_margin, "a finite number > 0 (FreeMask's is 1.25)")
@@ -155,10 +157,12 @@ class PipelineConfig:
                 "generation.guidance.strength", self.generation.guidance.strength,
                 "a number > 0 (the strength of the guided conditions)")
 
-    def _objectives_seen(self, objective: str) -> bool:
-        """Whether a condition guides by, or selects by, ``objective`` with a committee of seeds."""
-        return any(objective in ((c.guidance.objective if c.guidance else None), c.select) and c.committee == "seeds"
-                   for c in map(self.condition, self.conditions))
+    def _segmenters_needed(self) -> int:
+        """The most stage-1 segmenters an objective of a condition (guiding, or selecting the kept
+        variants) needs from a committee of seeds; snapshot committees bring their own."""
+        needs = [OBJECTIVES[name].min_segmenters for c in map(self.condition, self.conditions) if c.committee == "seeds"
+                 for name in ((c.guidance.objective if c.guidance else None), c.select) if name in OBJECTIVES]
+        return max([1, *needs])
 
     def condition(self, name: str) -> "Condition":
         changes = dict(self.variants.get(name, {} if name == UNGUIDED else {"objective": name}))
@@ -210,17 +214,25 @@ def _train(config: PipelineConfig, phases: list[Phase], folder: Path, seed: int,
     """Train (or reuse) one segmenter in ``folder``, phase after phase (each with its own LR
     schedule); returns its record with the val mIoU."""
     record_path = folder / "training.json"
+    phases_record = [{"epochs": epochs, "sources": [{"name": s.name, "items": len(s.dataset), "share": s.share}
+                                                    for s in sources]} for sources, epochs in phases]
+    current = identity({"seed": seed, "phases": phases_record, "model": config.model, "train": config.train,
+                        "data": config.data}, ignore=("train.seed", "train.epochs"))
     if record_path.exists():
-        return json.loads(record_path.read_text())
+        record = json.loads(record_path.read_text())
+        # a record written before identities were stored pins its seed and phases only
+        pinned = current if "identity" in record else {k: current[k] for k in ("seed", "phases")}
+        if check_resume(record.get("identity", {"seed": record["seed"], "phases": record["phases"]}), pinned,
+                        folder, config.overwrite):
+            return record
     torch.manual_seed(seed)
     model = config.model.build(num_classes)
     losses = []
     for sources, epochs in phases:
         train_config = dataclasses.replace(config.train, seed=seed, epochs=epochs)
         losses += train_segmenter(model, sources, train_config, progress=config.progress).losses
-    record = {"seed": seed, "val_miou": evaluate(model, val_set).miou, "losses": losses,
-              "phases": [{"epochs": epochs, "sources": [{"name": s.name, "items": len(s.dataset), "share": s.share}
-                                                        for s in sources]} for sources, epochs in phases]}
+    record = {"seed": seed, "val_miou": evaluate(model, val_set).miou, "losses": losses, "phases": phases_record,
+              "identity": current}
     model.save_pretrained(folder)
     atomic_write_bytes(record_path, json.dumps(record, indent=2).encode())  # last: marks the stage done
     return record
@@ -260,13 +272,15 @@ def generation_config(config: PipelineConfig, condition: str, segmenters: list[P
     return dataclasses.replace(config.generation, output_dir=str(folder), num_samples=num_units * config.variants_per_unit,
                                seed=seed, masks=config.data, masks_split=config.data.train_split, guidance=guidance,
                                instances=config.instances if settings.mode == "instance" else None,
-                               quality_segmenter=str(segmenters[0]), progress=config.progress)
+                               quality_segmenter=str(segmenters[0]), progress=config.progress,
+                               overwrite=config.overwrite)
 
 
 def committee_of(config: PipelineConfig, objective: str, committee: str, segmenters: list[Path]) -> list[Path]:
-    """The stage-1 segmenters ``objective`` reads: segmenter 0 alone, or the committee."""
+    """The stage-1 segmenters ``objective`` reads: segmenter 0 alone, or (for an objective that
+    needs several) the committee."""
     seeded = segmenters[:config.committee_size]
-    if objective != "committee":
+    if OBJECTIVES.lookup(objective).min_segmenters < 2:
         return seeded[:1]
     return seeded if committee == "seeds" else [segmenters[0], segmenters[-1]]
 
@@ -394,7 +408,7 @@ def _run_pipeline(config: PipelineConfig, output: Path) -> str:
                        for objective in ("entropy", "committee", "expected_model_change")}
             scores = {objective: objective_scores(images, masks, objective,
                                                   [Segmenter.from_pretrained(p).eval() for p in paths], ignore_index)
-                      for objective, paths in readers.items() if objective != "committee" or len(paths) >= 2}
+                      for objective, paths in readers.items() if len(paths) >= OBJECTIVES[objective].min_segmenters}
             kept = kept_variants([unit_key(r) for r in records], [r["index"] // count for r in records],
                                  None if condition.select == FIRST else scores[condition.select], config.keep_per_unit)
             images, masks = images[kept], masks[kept]
@@ -439,65 +453,3 @@ def unguided_reference(config: PipelineConfig, name: str) -> str:
     mode = config.condition(name).mode
     return next((c for c in config.conditions if config.condition(c).guidance is None and config.condition(c).mode == mode),
                 name)
-
-
-def paired_changes(rows: list[dict], condition: str, reference: str) -> list[float]:
-    """val mIoU (percentage points) of ``condition`` minus ``reference``, for each seed that has
-    both, in seed order; empty when the condition is the reference or either is missing."""
-    by_seed = {name: {row["seed"]: row["val_miou"] for row in rows if row["condition"] == name}
-               for name in (condition, reference)}
-    if condition == reference:
-        return []
-    return [100 * (by_seed[condition][s] - by_seed[reference][s]) for s in sorted(by_seed[condition])
-            if s in by_seed[reference]]
-
-
-def _change_cell(changes: list[float]) -> str:
-    if not changes:
-        return "-"
-    return f"{np.mean(changes):+.1f} ± {np.std(changes):.1f} (" + ", ".join(f"{c:+.1f}" for c in changes) + ")"
-
-
-def write_results(rows: list[dict], output: Path) -> str:
-    fields = sorted({k for row in rows for k in row}, key=lambda k: (k not in ("seed", "condition", "val_miou"), k))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_bytes(output / "results.csv", buffer.getvalue().encode())
-    conditions = list(dict.fromkeys(row["condition"] for row in rows))
-    objective_keys = [k for k in fields if k.startswith(("objective_", "fidelity_", "labelled_", "seconds_"))]
-    lines = ["| training data | val mIoU (%) | seeds | paired vs real only | paired vs unguided | "
-             + " | ".join(k.replace("objective_", "") for k in objective_keys) + " |",
-             "|---" * (5 + len(objective_keys)) + "|"]
-    means, spreads = [], []
-    for condition in conditions:
-        chosen = [row for row in rows if row["condition"] == condition]
-        mious = np.array([row["val_miou"] for row in chosen]) * 100
-        means.append(mious.mean())
-        spreads.append(mious.std())
-        unguided = chosen[0].get("reference", REAL_ONLY)  # real only has no unguided reference
-        changes = [_change_cell(paired_changes(rows, condition, reference)) for reference in (REAL_ONLY, unguided)]
-        cells = [f"{np.mean([row[k] for row in chosen if k in row]):.4f}" if any(k in row for row in chosen) else "-"
-                 for k in objective_keys]
-        lines.append(f"| {condition} | {mious.mean():.1f} ± {mious.std():.1f} | {len(chosen)} | "
-                     + " | ".join(changes + cells) + " |")
-    summary = "\n".join(lines) + ("\n\nPaired columns: mean ± std over seeds of the val mIoU change against the same "
-                                  "seed's reference (against the unguided set of the same mode, filter and recipe), per seed in brackets. "
-                                  "Objective columns: mean value of each informativeness objective on the "
-                                  "synthetic set, under the stage-1 segmenters (higher = the guiding model finds it harder). "
-                                  "fidelity_miou / fidelity_agreement (with a judge): its mIoU against the masks and the share "
-                                  "of labelled pixels where it reads the mask's class (real only: on the real images); "
-                                  "fidelity_region_generated / _real (instance mode): that share on the regenerated pixels, "
-                                  "and on the same pixels of the real images. labelled_share: the share of the kept synthetic pairs' "
-                                  "labelled pixels that stay labelled for training (below 1 after a filter). seconds_per_kept: the set's "
-                                  "generation wall time over the pairs kept from it (all variants generated count).\n")
-    atomic_write_bytes(output / "summary.md", summary.encode())
-    figure = Figure(figsize=(1.6 + 1.3 * len(conditions), 3.4))
-    axes = figure.add_subplot(1, 1, 1)
-    axes.bar(range(len(conditions)), means, yerr=spreads, capsize=4, color="#4c72b0")
-    axes.set_xticks(range(len(conditions)), conditions, rotation=20, ha="right", fontsize=8)
-    axes.set_ylabel("val mIoU (%)")
-    axes.set_title("train on real -> generate -> retrain (mean ± std over seeds)", fontsize=9)
-    save_figure(figure, output / "miou.png")
-    return summary

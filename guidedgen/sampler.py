@@ -1,6 +1,6 @@
 """GuidedControlNetSampler: ControlNet denoising with x0-estimate guidance by a segmenter.
 
-At each guided step t (SPEC section 4):
+At each guided step t (docs/methods.md#guided-sampling):
 1. predict the noise with UNet + ControlNet(s) (with classifier-free guidance);
 2. form the one-step estimate ``z0_hat`` from the model output and ``alphas_cumprod``;
 3. decode it with the VAE and evaluate the informativeness objective against the mask (optionally

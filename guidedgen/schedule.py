@@ -41,7 +41,7 @@ class GuidanceSchedule:
         if self.decay not in ("constant", "linear"):
             raise ValueError(f"guidance decay={self.decay!r}; choose 'constant' or 'linear'")
         if not (math.isfinite(self.strength) and self.strength >= 0):
-            raise ValueError(f"guidance strength={self.strength}; must be a finite number >= 0 (0 = unguided)")
+            raise ValueError(f"guidance.strength={self.strength}; must be a finite number >= 0 (0 = unguided)")
         if self.clip is not None and not (math.isfinite(self.clip) and self.clip > 0):
             raise ValueError(f"guidance clip={self.clip}; must be null (no clipping) or a finite number > 0")
 

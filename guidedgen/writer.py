@@ -1,4 +1,5 @@
-"""Resumable, atomic, multi-process dataset writer for generated samples (DESIGN.md layout).
+"""Resumable, atomic, multi-process dataset writer for generated samples (layout:
+docs/methods.md#dataset-folder-format).
 
 Sample ``i`` has id ``f"{i:06d}"`` and seed ``sample_seed(global_seed, i)``, never derived from the
 process rank: any number of processes produce the same dataset, and a re-run resumes.
@@ -14,17 +15,18 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
+from al.atomic import is_temporary
 from al.data.base import DatasetError
 from al.data.folder import (
     DATASET_JSON,
     METADATA_JSONL,
     SAMPLE_FOLDERS,
     DatasetWriter,
-    is_temporary,
     read_metadata,
     remove_stale_temporaries,
 )
 from al.folder_lock import LOCK_NAME
+from al.resume import differing_keys, identity
 
 
 def sample_seed(global_seed: int, index: int) -> int:
@@ -108,12 +110,14 @@ class GenerationWriter:
                 raise DatasetError(f"{self.root} is not empty ({', '.join(foreign[:10])}) and holds no generated dataset "
                                    f"({DATASET_JSON} is missing): use a new or empty output_dir")
         if info_path.exists():
-            existing = read_info(info_path).get("generator", {}).get("config_hash")
+            generator = read_info(info_path).get("generator", {})
+            existing = generator.get("config_hash")
             if existing != self.config_hash:
                 if not overwrite:
+                    keys = differing_keys(identity(generator.get("config") or {}), identity(config))
                     raise DatasetError(
-                        f"{self.root} holds samples of another generation config (hash {existing}, now "
-                        f"{self.config_hash}); use another output_dir or pass overwrite=true to replace it"
+                        f"{self.root} holds samples of another generation config ({', '.join(keys[:6])}; hash "
+                        f"{existing}, now {self.config_hash}); use another output_dir or pass overwrite=true to replace it"
                     )
                 remove_generated(self.root, keep=(LOCK_NAME,), extra=own_files)
         if owner:

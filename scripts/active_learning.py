@@ -8,26 +8,24 @@ Re-running with the same output_dir resumes; runs may be split over several proc
 
 import sys
 
-from al.config import ConfigError, cli_parser, load_config
-from al.data.base import DatasetError
+from al.cli import cli_entry
+from al.config import cli_parser, load_config
 from al.experiment import ExperimentConfig, run_experiment
-from al.labels import JournalCorruptError
-from al.loop import AwaitingAnnotations, StateMismatchError
+from al.loop import StateMismatchError
+from al.oracles import AwaitingAnnotations
 from al.select import NotEnoughPixelsError
 
 
+# besides the common ones: a run folder made with another config, a pool with too few pixels left to query
+@cli_entry(StateMismatchError, NotEnoughPixelsError)
 def main(argv=None) -> int:
     args = cli_parser(__doc__).parse_args(argv)
+    config = load_config(ExperimentConfig, args.config, args.overrides)
     try:
-        config = load_config(ExperimentConfig, args.config, args.overrides)
         summary = run_experiment(config)
-    except AwaitingAnnotations as waiting:
+    except AwaitingAnnotations as waiting:  # not an error: the human annotator's turn
         print(f"waiting: {waiting}")
         return 0
-    except (ConfigError, DatasetError, StateMismatchError, NotEnoughPixelsError, JournalCorruptError,
-            OSError) as error:  # OSError: an unwritable output_dir, a folder another run holds (FolderLockedError)
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     print(summary)
     print(f"\nwrote {config.output_dir}/curve.csv, curve.png, uncertainty_maps.png, summary.md")
     return 0

@@ -20,16 +20,19 @@ import uvicorn
 
 from al.annotate.app import create_app
 from al.annotate.exchange import (
+    ImportAnswersError,
     export_cvat,
     export_labelstudio,
     import_cvat,
     import_labelstudio,
 )
-from al.annotate.session import AnnotationSession
-from al.folder_lock import FolderLock, FolderLockedError
-from al.labels import JournalCorruptError
+from al.annotate.session import AnnotationError, AnnotationSession
+from al.cli import cli_entry
+from al.folder_lock import FolderLock
 
 
+# besides the common ones: an export that cannot be imported, an answer the session refuses
+@cli_entry(ImportAnswersError, AnnotationError)
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--state", required=True, type=Path, help="a run folder: <output_dir>/runs/<acquisition>/seed_<s>")
@@ -43,27 +46,23 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     # the run's one writer while it answers: a second page, an import or the AL loop itself is refused
     with contextlib.ExitStack() as held:
-        try:
-            if args.state.is_dir():  # (a missing run folder is explained by the session, not created)
-                held.enter_context(FolderLock(args.state, "active-learning run"))
-            session = AnnotationSession(args.state)
-            if args.export_labelstudio:
-                path = export_labelstudio(session, args.export_labelstudio)
-                print(f"wrote {path} and {args.export_labelstudio / 'labelling_config.xml'}; serve "
-                      f"{args.export_labelstudio} as Label Studio local files storage")
+        if args.state.is_dir():  # (a missing run folder is explained by the session, not created)
+            held.enter_context(FolderLock(args.state, "active-learning run"))
+        session = AnnotationSession(args.state)
+        if args.export_labelstudio:
+            path = export_labelstudio(session, args.export_labelstudio)
+            print(f"wrote {path} and {args.export_labelstudio / 'labelling_config.xml'}; serve "
+                  f"{args.export_labelstudio} as Label Studio local files storage")
+            return 0
+        if args.export_cvat:
+            print(f"wrote {export_cvat(session, args.export_cvat)}; upload it with the images of {args.export_cvat}")
+            return 0
+        imports = [(args.import_labelstudio, import_labelstudio), (args.import_cvat, import_cvat)]
+        for path, read in imports:
+            if path:
+                print(f"imported: {read(session, path)}; progress: "
+                      f"{session.progress()['answered']}/{session.progress()['total']}")
                 return 0
-            if args.export_cvat:
-                print(f"wrote {export_cvat(session, args.export_cvat)}; upload it with the images of {args.export_cvat}")
-                return 0
-            imports = [(args.import_labelstudio, import_labelstudio), (args.import_cvat, import_cvat)]
-            for path, read in imports:
-                if path:
-                    print(f"imported: {read(session, path)}; progress: "
-                          f"{session.progress()['answered']}/{session.progress()['total']}")
-                    return 0
-        except (FolderLockedError, JournalCorruptError, FileNotFoundError, KeyError, ValueError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
         app = create_app(session, args.token)
         progress = session.progress()
         print(f"{progress['total'] - progress['answered']} of {progress['total']} queries of {progress['tag']} pending")

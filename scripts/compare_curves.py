@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from al.cli import cli_entry
 from al.plots import plot_learning_curves
 
 
@@ -53,6 +54,7 @@ def paired_table(first: list[dict], second: list[dict], labels: tuple[str, str])
     return "\n".join(lines)
 
 
+@cli_entry()  # an unreadable curve.csv or an unwritable --plot path
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs=2, help="<curve.csv>:<acquisition>, twice")

@@ -7,19 +7,16 @@ Re-running with the same output_dir resumes; results.csv, summary.md and miou.pn
 
 import sys
 
-from al.config import ConfigError, cli_parser, load_config
-from al.data.base import DatasetError
+from al.cli import cli_entry
+from al.config import cli_parser, load_config
 from al.few_labels import FewLabelsConfig, run_few_labels
 
 
+@cli_entry()
 def main(argv=None) -> int:
     args = cli_parser(__doc__).parse_args(argv)
-    try:
-        config = load_config(FewLabelsConfig, args.config, args.overrides)
-        summary = run_few_labels(config)
-    except (ConfigError, DatasetError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    config = load_config(FewLabelsConfig, args.config, args.overrides)
+    summary = run_few_labels(config)
     print(summary)
     print(f"wrote {config.output_dir}/results.csv, summary.md, miou.png")
     return 0

@@ -12,23 +12,20 @@ import sys
 import torch
 from accelerate import PartialState
 
-from al.config import ConfigError, cli_parser, load_config
-from al.data.base import DatasetError
+from al.cli import cli_entry
+from al.config import cli_parser, load_config
 from guidedgen.generate import GenerateConfig, run_generation, write_contact_sheet
 
 
+@cli_entry()
 def main(argv=None) -> int:
     args = cli_parser(__doc__).parse_args(argv)
-    try:
-        config = load_config(GenerateConfig, args.config, args.overrides)
-        state = PartialState(cpu=not torch.cuda.is_available())
-        output = run_generation(config, state)
-        if state.is_main_process:
-            sheet = write_contact_sheet(config, output / config.contact_sheet_file)
-            print(f"wrote {output}" + (f" and {sheet}" if sheet else ""))
-    except (ConfigError, DatasetError, OSError, KeyError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    config = load_config(GenerateConfig, args.config, args.overrides)
+    state = PartialState(cpu=not torch.cuda.is_available())
+    output = run_generation(config, state)
+    if state.is_main_process:
+        sheet = write_contact_sheet(config, output / config.contact_sheet_file)
+        print(f"wrote {output}" + (f" and {sheet}" if sheet else ""))
     return 0
 
 

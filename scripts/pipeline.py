@@ -9,19 +9,16 @@ by side) and stages.csv (wall time, peak memory) into output_dir.
 
 import sys
 
-from al.config import ConfigError, cli_parser, load_config
-from al.data.base import DatasetError
+from al.cli import cli_entry
+from al.config import cli_parser, load_config
 from guidedgen.pipeline import PipelineConfig, run_pipeline
 
 
+@cli_entry()
 def main(argv=None) -> int:
     args = cli_parser(__doc__).parse_args(argv)
-    try:
-        config = load_config(PipelineConfig, args.config, args.overrides)
-        summary = run_pipeline(config)
-    except (ConfigError, DatasetError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    config = load_config(PipelineConfig, args.config, args.overrides)
+    summary = run_pipeline(config)
     print(summary)
     print(f"wrote {config.output_dir}/results.csv, summary.md, miou.png, sets.png, stages.csv")
     return 0

@@ -9,20 +9,17 @@ A re-run resumes: the finished VAE is reused and stage 2 continues from its late
 import shlex
 import sys
 
-from al.config import ConfigError, cli_parser, load_config
-from al.data.base import DatasetError
+from al.cli import cli_entry
+from al.config import cli_parser, load_config
 from guidedgen.training import TrainControlNetConfig, train_controlnet
 
 
+@cli_entry()
 def main(argv=None) -> int:
     args = cli_parser(__doc__).parse_args(argv)
     command = "python scripts/train_controlnet.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    try:
-        config = load_config(TrainControlNetConfig, args.config, args.overrides)
-        output = train_controlnet(config, command)
-    except (ConfigError, DatasetError, FileExistsError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    config = load_config(TrainControlNetConfig, args.config, args.overrides)
+    output = train_controlnet(config, command)  # FileExistsError (an OSError): output_dir holds another run
     print(f"saved the component set to {output}")
     return 0
 

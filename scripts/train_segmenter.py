@@ -2,7 +2,8 @@
 
     python scripts/train_segmenter.py --config configs/segmenter_digits.yaml [key=value ...]
 
-Skips training when ``output_dir`` already holds a segmenter trained with the same config.
+Skips training when ``output_dir`` already holds a segmenter trained with the same settings;
+refuses one trained with other settings (naming them) unless ``overwrite=true``.
 """
 
 import json
@@ -12,12 +13,14 @@ from pathlib import Path
 
 import torch
 
-from al.config import ConfigError, cli_parser, load_config
+from al.atomic import atomic_write_bytes
+from al.cli import cli_entry
+from al.config import cli_parser, load_config
 from al.data.base import DatasetError
-from al.data.folder import atomic_write_bytes
-from al.experiment import DataConfig
+from al.data.config import DataConfig
 from al.folder_lock import FolderLock
-from al.loop import ModelConfig
+from al.models import ModelConfig
+from al.resume import check_resume, identity
 from al.train import DenseTargetDataset, TrainConfig, evaluate, train_segmenter
 
 
@@ -29,34 +32,40 @@ class TrainSegmenterConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     progress: bool = True
+    overwrite: bool = False  # replace a segmenter trained with other settings
+
+    def validate(self) -> None:
+        self.train.validate("train")
+        self.model.validate("model")
 
 
+NOT_IDENTITY = ("output_dir", "progress", "overwrite")  # settings that do not change the segmenter
+
+
+@cli_entry()
 def main(argv=None) -> int:
     args = cli_parser(__doc__).parse_args(argv)
-    try:
-        config = load_config(TrainSegmenterConfig, args.config, args.overrides)
-        config.train.validate("train")
-        config.model.validate("model")
-        output = Path(config.output_dir)
-        # the folder's one writer, taken before training: an unwritable output_dir fails here, not after
-        with FolderLock(output, "segmenter folder"):
-            record = output / "training.json"
-            if record.exists() and read_record(record)["config"] == asdict(config):
-                print(f"{output} already holds this segmenter: {record.read_text()}")
-                return 0
-            train_set, val_set = config.data.build(config.data.train_split), config.data.build(config.data.val_split)
-            torch.manual_seed(config.seed)
-            model = config.model.build(train_set.num_classes)
-            result = train_segmenter(model, DenseTargetDataset(train_set), config.train, train_set.ignore_index,
-                                     progress=config.progress)
-            scores = evaluate(model, val_set)
-            model.save_pretrained(output)
-            atomic_write_bytes(record, json.dumps({"config": asdict(config), "val_miou": scores.miou,
-                                                   "losses": result.losses}, indent=2).encode())
-        print(f"saved {output}: validation mIoU {scores.miou:.3f}")
-    except (ConfigError, DatasetError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    config = load_config(TrainSegmenterConfig, args.config, args.overrides)
+    config.validate()
+    output = Path(config.output_dir)
+    # the folder's one writer, taken before training: an unwritable output_dir fails here, not after
+    with FolderLock(output, "segmenter folder"):
+        record = output / "training.json"
+        recorded = identity(read_record(record)["config"], NOT_IDENTITY) if record.exists() else None
+        if check_resume(recorded, identity(config, NOT_IDENTITY), output, config.overwrite,
+                        defaults=identity(TrainSegmenterConfig(), NOT_IDENTITY)):
+            print(f"{output} already holds this segmenter: {record.read_text()}")
+            return 0
+        train_set, val_set = config.data.build(config.data.train_split), config.data.build(config.data.val_split)
+        torch.manual_seed(config.seed)
+        model = config.model.build(train_set.num_classes)
+        result = train_segmenter(model, DenseTargetDataset(train_set), config.train, train_set.ignore_index,
+                                 progress=config.progress)
+        scores = evaluate(model, val_set)
+        model.save_pretrained(output)
+        atomic_write_bytes(record, json.dumps({"config": asdict(config), "val_miou": scores.miou,
+                                               "losses": result.losses}, indent=2).encode())
+    print(f"saved {output}: validation mIoU {scores.miou:.3f}")
     return 0
 
 

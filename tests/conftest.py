@@ -13,7 +13,9 @@ import torch
 from al.config import load_config
 from al.data import ArrayDataset, DigitScenesConfig, digit_scenes
 from al.experiment import ExperimentConfig, run_dir, run_experiment
-from al.loop import AwaitingAnnotations, LoopConfig, ModelConfig
+from al.loop_config import LoopConfig
+from al.models import ModelConfig
+from al.oracles import AwaitingAnnotations
 from al.train import TrainConfig
 
 

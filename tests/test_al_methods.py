@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import tiny_loop_config
 
-from al.acquisition import ACQUISITIONS, Predictions, get_acquisition, pool_predictions
+from al.acquisition import ACQUISITIONS, Predictions, all_acquisitions, get_acquisition, pool_predictions
 from al.config import ConfigError, load_config
 from al.deal import difficulty_entropy, difficulty_loss, difficulty_sum
 from al.diffusion_features import (
@@ -18,9 +18,10 @@ from al.diffusion_features import (
     majority_vote,
 )
 from al.experiment import ExperimentConfig
-from al.loop import ActiveLearningLoop, DealConfig
+from al.loop import ActiveLearningLoop
+from al.loop_config import DealConfig
 from al.models import Segmenter, load_model
-from al.scores import entropy
+from al.scores import SCORES, entropy, mean_prediction, register_score
 from al.train import DenseTargetDataset, TrainConfig, train_segmenter
 from guidedgen.guidance import build_objective
 
@@ -30,9 +31,32 @@ def tiny_features_config(path) -> DiffusionFeaturesConfig:
                                    pixels_per_image=200, num_members=3, max_epochs=4, extraction_batch_size=4)
 
 
+@pytest.mark.slow
+def test_a_score_registered_at_run_time_is_an_acquisition_of_the_config_and_the_loop(tiny_digits, tmp_path):
+    def first_class(mc_probs, generator=None):  # the mean probability of class 0, per pixel
+        return mean_prediction(mc_probs)[:, 0]
+
+    with pytest.raises(ConfigError, match="'acquisitions' = 'first_class'"):
+        ExperimentConfig(acquisitions=["first_class"]).validate()
+    register_score("first_class", first_class)
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            register_score("first_class", first_class)
+        ExperimentConfig(acquisitions=["first_class"]).validate()
+        probs = torch.rand(4, 2, 3, 5, 6).softmax(2)
+        assert torch.equal(get_acquisition("first_class").score(Predictions(probs), None), probs.mean(0)[:, 0])
+        train, val = tiny_digits
+        records = ActiveLearningLoop(tiny_loop_config(cycles=1), "first_class", 0, train, val, tmp_path,
+                                     progress=False).run()
+        assert [r.cycle for r in records] == [0, 1] and records[1].labelled_pixels > records[0].labelled_pixels
+    finally:
+        del SCORES["first_class"]
+    assert "first_class" not in all_acquisitions()
+
+
 def test_every_score_and_deal_rule_is_one_registry():
     assert {"balent", "entropy", "bald", "random", "deal_ds", "deal_de", "deal_pixel",
-            "deal_pixel_entropy"} <= set(ACQUISITIONS)
+            "deal_pixel_entropy"} <= set(all_acquisitions())
     assert get_acquisition("deal_ds").level == "image" and get_acquisition("deal_pixel").level == "pixel"
     with pytest.raises(KeyError, match="deal_de"):
         get_acquisition("deal")
@@ -46,6 +70,7 @@ def test_every_score_and_deal_rule_is_one_registry():
         ACQUISITIONS["deal_pixel"].score(Predictions(probs), None)
 
 
+@pytest.mark.slow
 def test_training_a_deal_segmenter_teaches_its_difficulty_branch(tiny_digits, tmp_path):
     train, _ = tiny_digits
     torch.manual_seed(0)
@@ -73,6 +98,7 @@ def test_training_a_deal_segmenter_teaches_its_difficulty_branch(tiny_digits, tm
 
 
 @pytest.mark.parametrize("acquisition", ["deal_ds", "deal_de"])
+@pytest.mark.slow
 def test_image_level_deal_spends_the_pixel_budget_on_the_best_images(tiny_digits, tmp_path, acquisition):
     train, val = tiny_digits  # 6 images, 3 px each per cycle = 18 px per cycle
     config = tiny_loop_config(cycles=1, deal=DealConfig(size=[8, 8], pool_fraction=0.5, image_share=1 / 3))
@@ -86,6 +112,7 @@ def test_image_level_deal_spends_the_pixel_budget_on_the_best_images(tiny_digits
     assert [r.labelled_pixels for r in again.run()] == [18, 36]
 
 
+@pytest.mark.slow
 def test_pixel_level_deal_labels_the_most_difficult_pixels(tiny_digits, tmp_path):
     train, val = tiny_digits
     config = tiny_loop_config(cycles=1, deal=DealConfig(size=[8, 8]))
@@ -114,6 +141,7 @@ def test_deal_needs_a_segmenter_learner(tmp_path):
         load_config(ExperimentConfig, path, []).validate()
 
 
+@pytest.mark.slow
 def test_diffusion_feature_ensemble_is_a_loop_model(tiny_digits, tiny_diffusion_folder, tmp_path):
     train, val = tiny_digits
     config = tiny_loop_config(cycles=1, learner="diffusion_features",
@@ -131,6 +159,7 @@ def test_diffusion_feature_ensemble_is_a_loop_model(tiny_digits, tiny_diffusion_
     assert torch.equal(model.predict(images), majority_vote(probs))
 
 
+@pytest.mark.slow
 def test_ensemble_fits_dense_labels_and_round_trips(tiny_digits, tiny_diffusion_folder, tmp_path):
     train, _ = tiny_digits
     model = DiffusionFeatureSegmenter(tiny_features_config(tiny_diffusion_folder), train.num_classes, seed=0)
@@ -147,6 +176,7 @@ def test_ensemble_fits_dense_labels_and_round_trips(tiny_digits, tiny_diffusion_
     assert torch.equal(load_model(tmp_path).mc_probs(images[:2]), model.mc_probs(images[:2]))
 
 
+@pytest.mark.slow
 def test_ensemble_guides_as_a_committee(tiny_digits, tiny_diffusion_folder):
     train, _ = tiny_digits
     model = DiffusionFeatureSegmenter(tiny_features_config(tiny_diffusion_folder), train.num_classes, seed=0)

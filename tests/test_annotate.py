@@ -13,7 +13,7 @@ from al.annotate.session import AnnotationSession
 from al.config import load_config
 from al.experiment import ExperimentConfig, run_dir, run_experiment
 from al.labels import SparseLabels
-from al.loop import AwaitingAnnotations
+from al.oracles import AwaitingAnnotations
 from scripts.active_learning import main as cli_main
 
 TOKEN = "test-token-123"
@@ -138,6 +138,7 @@ def answer_all_with_ground_truth(run, train_set):
     assert session.progress()["answered"] == session.progress()["total"]
 
 
+@pytest.mark.slow
 def test_a_human_answering_like_the_oracle_reproduces_the_oracle_run(tmp_path, capsys):
     """Oracle mode and human mode share one code path: the same answers give the same curve."""
     oracle_dir, human_dir = tmp_path / "oracle", tmp_path / "human"
@@ -163,6 +164,7 @@ def test_a_human_answering_like_the_oracle_reproduces_the_oracle_run(tmp_path, c
     assert [c["acquired"] for c in state["cycles"]] == [True, True]
 
 
+@pytest.mark.slow
 def test_prediction_overlay_once_a_model_exists(tmp_path):
     config = human_config(tmp_path)
     with pytest.raises(AwaitingAnnotations):
@@ -189,6 +191,7 @@ def test_human_mode_refuses_the_supervised_reference(tmp_path):
         config.validate()
 
 
+@pytest.mark.slow
 def test_one_writer_per_run_folder(waiting_run, tmp_path, capsys):
     """An annotation page, an import or the AL loop on a run that another of them is writing is
     refused with the folder and the holder's pid."""

@@ -14,6 +14,8 @@ import uvicorn
 from al.annotate.app import create_app
 from al.annotate.session import AnnotationSession
 
+pytestmark = pytest.mark.slow  # starts a server and a browser: seconds
+
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 HOW_TO_GET_IT = ("the browser test needs Debian's chromium at /usr/bin/chromium (`apt-get install -y chromium`, "
                  "which .ci/run does) and the playwright package (`make test` installs it)")

@@ -1,4 +1,4 @@
-"""DEAL's difficulty branch and scores (SPEC section 3)."""
+"""DEAL's difficulty branch and scores (docs/methods.md#deal)."""
 
 import math
 
@@ -60,6 +60,7 @@ def test_difficulty_sum_and_pixel_variant():
     assert torch.equal(pixel_difficulty(m, h), m * h) and torch.equal(pixel_difficulty(m), m)
 
 
+@pytest.mark.slow
 def test_the_branch_learns_where_the_segmenter_errs():
     """On a fixed batch, the branch's loss falls and M ends higher on error pixels."""
     torch.manual_seed(0)

@@ -69,6 +69,7 @@ def case(masks, num_controlnets, scheduler="ddim"):
 
 @pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
 @pytest.mark.parametrize("num_controlnets", [1, 2])
+@pytest.mark.slow
 def test_unguided_sampler_is_the_diffusers_pipeline(num_controlnets, guidance_scale, digit_masks_32):
     components, masks, extra, scales = case(digit_masks_32[0], num_controlnets)
     ours = sampler_images(components, masks, extra, guidance_scale, scales)

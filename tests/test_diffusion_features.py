@@ -1,5 +1,6 @@
 """Diffusion-feature pixel classifiers: hooks and shared noise, bounded pixel sampling, the
-pixel-MLP ensemble as SPEC section 2, and its use as the K axis of mc_probs."""
+pixel-MLP ensemble as in docs/methods.md#diffusion-feature-pixel-classifiers, and its use as the
+K axis of mc_probs."""
 
 import math
 
@@ -12,9 +13,7 @@ from al.diffusion_features import (
     EnsembleConfig,
     FeatureConfig,
     PixelEnsemble,
-    image_score,
     majority_vote,
-    mutual_information,
     sample_pixels,
 )
 from al.scores import SCORES
@@ -116,15 +115,13 @@ def test_ensemble_learns_separable_pixels_and_round_trips(tmp_path):
     assert torch.equal(PixelEnsemble.from_pretrained(tmp_path)(features), probs)
 
 
-def test_majority_vote_mutual_information_and_image_score():
+def test_majority_vote_and_bald_over_members():
     one_hot = torch.eye(3)
     members = torch.stack([one_hot[0], one_hot[0], one_hot[2]])[:, None, :, None]  # [K=3, N=1, C=3, P=1]
     assert majority_vote(members).item() == 0
     p = torch.tensor([2 / 3, 0, 1 / 3])
     expected = -(p[p > 0] * p[p > 0].log()).sum()  # members are one-hot: no member entropy
-    assert mutual_information(members).item() == pytest.approx(expected.item(), rel=1e-5)
-    scores = torch.arange(100.0).reshape(1, 10, 10)
-    assert image_score(scores).item() == pytest.approx(sum(range(90, 100)) / 10)
+    assert SCORES["bald"](members).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_ensemble_members_are_the_k_axis_of_every_score():

@@ -15,7 +15,7 @@ from al.annotate.exchange import (
     import_labelstudio,
 )
 from al.annotate.session import AnnotationSession
-from al.experiment import DATA_CONFIG_NAME, DataConfig
+from al.data.config import DATA_CONFIG_NAME, DataConfig
 from al.labels import SparseLabels
 
 FIXTURE = Path(__file__).parent / "fixtures" / "labelstudio_export.json"

@@ -48,6 +48,7 @@ def test_seeds_and_shards_do_not_depend_on_processes():
         assert sorted(i for part in parts for i in part) == list(range(10))  # disjoint, complete, unpadded
 
 
+@pytest.mark.slow
 def test_generate_writes_a_loadable_dataset_with_provenance(tmp_path, segmenter_dir):
     assert generate_main(["--config", str(ROOT / "configs/demo.yaml"), *overrides(tmp_path, segmenter_dir)]) == 0
     dataset = load_folder(tmp_path)
@@ -63,12 +64,13 @@ def test_generate_writes_a_loadable_dataset_with_provenance(tmp_path, segmenter_
     assert (tmp_path / "contact_sheet.png").stat().st_size > 5000
 
 
+@pytest.mark.slow
 def test_another_config_is_refused_unless_overwrite(tmp_path, segmenter_dir, capsys):
     args = ["--config", str(ROOT / "configs/demo.yaml")]
     assert generate_main(args + overrides(tmp_path, segmenter_dir, num_samples=1, contact_sheet_samples=0)) == 0
     changed = overrides(tmp_path, segmenter_dir, num_samples=1, contact_sheet_samples=0, seed=9)
     assert generate_main(args + changed) == 2
-    assert "another generation config" in capsys.readouterr().err
+    assert "another generation config (seed; hash" in capsys.readouterr().err
     assert generate_main(args + changed + ["overwrite=true"]) == 0
     assert read_metadata(tmp_path)[0]["seed"] == sample_seed(9, 0)
 
@@ -101,6 +103,16 @@ def test_a_guide_of_other_classes_is_refused_before_sampling(tmp_path, capsys):
     assert not out.exists()  # refused before anything was written
 
 
+def test_a_last_layer_objective_with_a_pixel_ensemble_is_refused_at_config_time(tmp_path, capsys):
+    ensemble = tmp_path / "ensemble"  # what DiffusionFeatureSegmenter.save_pretrained marks its folders with
+    ensemble.mkdir()
+    (ensemble / "segmenter.json").write_text("{}")
+    (ensemble / "config.json").write_text("{}")
+    args = ["--config", str(ROOT / "configs/demo.yaml"), *overrides(tmp_path / "out", ensemble)]
+    assert generate_main(args + ["guidance.objective=expected_model_change"]) == 2
+    assert "objective 'expected_model_change' reads the last layer" in capsys.readouterr().err
+
+
 def test_masks_with_unknown_class_ids_name_the_file(tmp_path, segmenter_dir, capsys):
     masks = tmp_path / "masks_in" / "train"
     (masks / "images").mkdir(parents=True)
@@ -120,6 +132,7 @@ def run_script(args, **kwargs):
                             stderr=subprocess.PIPE, text=True, **kwargs)
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_gives_every_index_exactly_once(tmp_path, segmenter_dir):
     args = ["scripts/generate.py", "--config", "configs/demo.yaml",
             *overrides(tmp_path, segmenter_dir, num_samples=8, batch_size=1, contact_sheet_samples=0)]
@@ -149,6 +162,7 @@ def test_kill_9_then_resume_gives_every_index_exactly_once(tmp_path, segmenter_d
     assert not list(tmp_path.rglob(".*tmp*"))
 
 
+@pytest.mark.slow
 def test_a_second_writer_is_refused_while_the_first_holds_the_folder(tmp_path, segmenter_dir, capsys):
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom al.folder_lock import FolderLock\n"
                                "FolderLock(sys.argv[1]).acquire()\nprint('held', flush=True)\ntime.sleep(300)", str(tmp_path)],
@@ -166,6 +180,7 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_folder(tmp_path, s
     assert generate_main(args) == 0  # the OS dropped the killed holder's lock
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_only_what_the_generator_wrote(tmp_path, segmenter_dir, capsys):
     def generate(folder, **extra):
         return generate_main(["--config", str(ROOT / "configs/demo.yaml"), *overrides(folder, segmenter_dir, **extra)])
@@ -197,6 +212,7 @@ def test_overwrite_replaces_only_what_the_generator_wrote(tmp_path, segmenter_di
     assert (ours / "contact_sheet.png").exists()
 
 
+@pytest.mark.slow
 def test_two_processes_write_the_same_dataset_as_one(tmp_path, segmenter_dir):
     one, two = tmp_path / "one", tmp_path / "two"
     # unguided: the shards batch other samples together, and after a guided loop the normalised updates
@@ -219,6 +235,7 @@ def test_two_processes_write_the_same_dataset_as_one(tmp_path, segmenter_dir):
         assert np.array_equal(a[key][1], b[key][1])
 
 
+@pytest.mark.slow
 def test_a_canny_controlnet_beside_the_seg_one(tmp_path, segmenter_dir):
     args = overrides(tmp_path, segmenter_dir, num_samples=2, contact_sheet_samples=1,
                      extra_controls="[canny]", controlnet_conditioning_scale="[1.0,0.5]")
@@ -240,6 +257,7 @@ def test_canny_control_marks_edges():
     assert edges[0, 0, 8:24, 7:10].max() == 1.0 and edges[0, 0, 14:18, 14:18].max() == 0.0
 
 
+@pytest.mark.slow
 def test_a_folder_of_masks_alone_is_enough_to_generate(tmp_path, segmenter_dir):
     masks = tmp_path / "in" / "train"
     (masks / "masks").mkdir(parents=True)
@@ -256,6 +274,7 @@ def test_a_folder_of_masks_alone_is_enough_to_generate(tmp_path, segmenter_dir):
     assert generated[1].mask[10, 10] == 4
 
 
+@pytest.mark.slow
 def test_the_committed_model_generates_from_the_demo_config(tmp_path, segmenter_dir):
     """`make demo`'s committed model loads through from_pretrained (local files) and generates."""
     args = ["--config", str(ROOT / "configs/demo.yaml"), f"output_dir={tmp_path}", f"guidance.segmenters=[{segmenter_dir}]",

@@ -5,12 +5,14 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import EPS32, live_controlnets
 from diffusers import DDIMScheduler, EulerDiscreteScheduler
 
+from al.config import ConfigError
 from al.data import DIGIT_CLASSES
 from guidedgen.components import ComponentsConfig, load_components, tiny_components
-from guidedgen.guidance import OBJECTIVES, build_objective, last_layer_gradient_norm
+from guidedgen.guidance import OBJECTIVES, LogitsGuide, build_objective, last_layer_gradient_norm
 from guidedgen.palette import (
     ADE20K_PALETTE,
     Palette,
@@ -38,6 +40,7 @@ def sample(components, masks, objective=None, strength=0.0, path="through_unet",
 
 
 # -- components ------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_tiny_components_load_back_through_the_real_path(tmp_path, components, digit_masks_32):
     masks, _ = digit_masks_32
     folders = components.save_pretrained(tmp_path)
@@ -107,6 +110,38 @@ def test_unknown_objective_and_small_committee_are_explained(guiding_segmenters)
         build_objective("committee", guiding_segmenters[:1])
 
 
+def test_any_segmentation_model_guides_through_logits_guide(digit_masks_32):
+    """A user's own model (here a bare smp Unet at half resolution, as HF models return) guides
+    entropy and committee objectives; last-layer objectives refuse it by name."""
+    import segmentation_models_pytorch as smp
+
+    masks, _ = digit_masks_32
+    torch.manual_seed(0)
+    model = smp.Unet("resnet18", encoder_weights=None, encoder_depth=3, decoder_channels=(16, 8, 8), classes=11)
+    half = lambda images: model(F.interpolate(images, scale_factor=0.5))  # noqa: E731 - logits at h/2, w/2
+    guide = LogitsGuide(_Lambda(half))
+    images = torch.rand(2, 3, 32, 32, requires_grad=True)
+    value = build_objective("entropy", [guide])(images, masks[:2])
+    probs = F.interpolate(half(images), size=(32, 32), mode="bilinear", align_corners=False).softmax(1)
+    expected = (-(probs * probs.clamp_min(1e-12).log()).sum(1) * (masks[:2] != 255)).flatten(1).sum(1) / (
+        (masks[:2] != 255).flatten(1).sum(1))
+    torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
+    value.sum().backward()
+    assert images.grad.abs().sum() > 0
+    assert build_objective("committee", [guide, LogitsGuide(model)])(images, masks[:2]).shape == (2,)
+    with pytest.raises(ConfigError, match="ExpectedModelChange needs guides that follow LastLayerGuide"):
+        build_objective("expected_model_change", [guide])
+
+
+class _Lambda(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, images):
+        return self.fn(images)
+
+
 def test_closed_form_last_layer_gradient_matches_autograd(guiding_segmenters, digit_masks_32):
     masks, _ = digit_masks_32
     segmenter = guiding_segmenters[0]
@@ -158,6 +193,7 @@ def test_x0_estimate_matches_euler_in_sigma_space(components, digit_masks_32):
 
 
 @pytest.mark.parametrize("downsample", [1, 2])
+@pytest.mark.slow
 def test_strength_zero_is_bit_identical_to_unguided(downsample, components, guiding_segmenters, digit_masks_32):
     masks, _ = digit_masks_32
     objective = build_objective("entropy", guiding_segmenters)
@@ -166,6 +202,7 @@ def test_strength_zero_is_bit_identical_to_unguided(downsample, components, guid
     assert not torch.equal(sample(components, masks, objective, strength=0.3, downsample=downsample).images, plain.images)
 
 
+@pytest.mark.slow
 def test_samples_do_not_depend_on_their_batch(components, digit_masks_32):
     masks, _ = digit_masks_32
     together = sample(components, masks).images
@@ -176,6 +213,7 @@ def test_samples_do_not_depend_on_their_batch(components, digit_masks_32):
     assert (together[2:3] - alone).abs().max() <= 1e-3
 
 
+@pytest.mark.slow
 def test_a_negative_mask_changes_only_what_cfg_compares_against(digit_masks_32):
     masks, _ = digit_masks_32
     live = live_controlnets(tiny_components(seed=0))
@@ -192,6 +230,7 @@ def test_a_negative_mask_changes_only_what_cfg_compares_against(digit_masks_32):
 @pytest.mark.parametrize("name", ["entropy", "committee", "expected_model_change"])
 @pytest.mark.parametrize("path", GRADIENT_PATHS)
 @pytest.mark.parametrize("downsample", [1, 2])
+@pytest.mark.slow
 def test_guidance_raises_the_objective_it_follows(name, path, downsample, components, guiding_segmenters, digit_masks_32):
     masks, _ = digit_masks_32
     objective = build_objective(name, guiding_segmenters)
@@ -212,6 +251,7 @@ def test_guidance_raises_the_objective_it_follows(name, path, downsample, compon
     ("expected_model_change", (0.0, 0.05, 0.2)),
     ("entropy", (0.0, 0.02, 0.05)),  # near ln(C) on the tiny set's noise-like images: low range only
 ])
+@pytest.mark.slow
 def test_final_objective_rises_with_strength(name, strengths, components, guiding_segmenters, digit_masks_32):
     """The paper's Figure 4 property, in the range where the tiny set has not yet overshot."""
     masks, _ = digit_masks_32
@@ -223,6 +263,7 @@ def test_final_objective_rises_with_strength(name, strengths, components, guidin
     assert values[0] < values[1] < values[2], values
 
 
+@pytest.mark.slow
 def test_non_finite_gradient_skips_the_update_with_a_warning(components, digit_masks_32):
     masks, _ = digit_masks_32
 
@@ -278,6 +319,7 @@ def assert_close_at_float64(ours: torch.Tensor, reference: torch.Tensor):
     assert (ours - reference).abs().max() <= FLOAT64_RTOL * reference.abs().max()
 
 
+@pytest.mark.slow
 def test_vae_gradient_checkpointing_and_slicing_change_nothing(guiding_segmenters, digit_masks_32):
     """Compared at one guided step (the gradient and the update the savers could break), not after a
     guided loop, whose normalised updates amplify rounding step after step."""
@@ -336,6 +378,7 @@ def test_dropped_samples_count_as_done_but_are_not_read(tmp_path):
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "unipc", "dpm_solver", "euler"])
+@pytest.mark.slow
 def test_every_registered_scheduler_samples_with_guidance(scheduler, guiding_segmenters, digit_masks_32):
     masks, _ = digit_masks_32
     objective = build_objective("entropy", guiding_segmenters)

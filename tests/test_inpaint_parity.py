@@ -57,6 +57,7 @@ def sampler_images(components, masks, extra, known, guidance_scale, scales) -> t
 @pytest.mark.parametrize("strength", [1.0, 0.75])
 @pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
 @pytest.mark.parametrize("num_controlnets", [1, 2])
+@pytest.mark.slow
 def test_unguided_known_region_is_the_diffusers_inpaint_pipeline(num_controlnets, guidance_scale, strength,
                                                                  digit_masks_32):
     components, masks, extra, scales = case(digit_masks_32[0], num_controlnets)

@@ -120,6 +120,7 @@ def test_paste_keeps_every_pixel_outside_the_alpha_and_puts_the_generated_crop_i
     assert torch.allclose(pasted[:, middle], expected, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_guidance_moves_only_the_region_with_a_whole_image_step_size(guiding_segmenters, digit_masks_32):
     """The update is zero on the known latents and has RMS strength x noise level over the region
     (not over the whole latent, which would scale a small object's step up)."""
@@ -139,6 +140,7 @@ def test_guidance_moves_only_the_region_with_a_whole_image_step_size(guiding_seg
     assert (run.objective_masks[~regenerate] == PALETTE.ignore_index).all()  # the objective reads the region only
 
 
+@pytest.mark.slow
 def test_instance_mode_writes_real_images_with_one_instance_regenerated(tmp_path, guiding_segmenters):
     segmenter = tmp_path / "segmenter"
     guiding_segmenters[0].save_pretrained(segmenter)
@@ -148,7 +150,7 @@ def test_instance_mode_writes_real_images_with_one_instance_regenerated(tmp_path
             "contact_sheet_file=sheet.png",
             "guidance.strength=0.1", "tiny_components=true",
             "instances={size: 32, min_area: 10, inpaint_dilation: 3, blend_dilation: 3, blend_blur: 3, strength: 0.75}"]
-    from al.experiment import DataConfig
+    from al.data.config import DataConfig
 
     source = DataConfig(num_train_images=3, size=32, min_digit_size=14, max_digit_size=20).build("train")
     units = find_instances(source, InstanceConfig(size=32, min_area=10), seed=0)

@@ -79,6 +79,7 @@ def test_damage_before_the_last_record_is_an_error(tmp_path):
         store(tmp_path)
 
 
+@pytest.mark.slow
 def test_kill_9_loses_no_acknowledged_label(tmp_path):
     """A writer prints each label after add() returns; SIGKILL it mid-stream; reload keeps all
     printed labels and nothing else is half-there."""

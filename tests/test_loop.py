@@ -9,7 +9,8 @@ from conftest import tiny_experiment_overrides, tiny_loop_config
 
 from al.config import ConfigError, load_config
 from al.experiment import ExperimentConfig
-from al.loop import ActiveLearningLoop, GroundTruthOracle, StateMismatchError
+from al.loop import ActiveLearningLoop, StateMismatchError
+from al.oracles import GroundTruthOracle
 from al.select import NotEnoughPixelsError
 from scripts.active_learning import main as cli_main
 
@@ -18,6 +19,7 @@ def per_image_counts(loop):
     return {i: len(loop.labels.pixels(i)) for i in loop.train_set.ids}
 
 
+@pytest.mark.slow
 def test_each_cycle_labels_n_new_pixels_per_image(tiny_digits, tmp_path):
     train, val = tiny_digits
     loop = ActiveLearningLoop(tiny_loop_config(), "balent", 0, train, val, tmp_path, progress=False)
@@ -59,6 +61,7 @@ class CrashingOracle(GroundTruthOracle):
 
 
 @pytest.mark.parametrize("budget", [3, 8, 14])
+@pytest.mark.slow
 def test_resume_after_a_crash_loses_and_duplicates_nothing(tiny_digits, tmp_path, budget):
     """Crash during the initial labelling, during cycle 0's or cycle 1's acquisition; a fresh
     loop on the same folder finishes with exactly n labels per image per cycle."""
@@ -75,6 +78,7 @@ def test_resume_after_a_crash_loses_and_duplicates_nothing(tiny_digits, tmp_path
             assert resumed.labels.has_tag(image_id, tag)
 
 
+@pytest.mark.slow
 def test_a_finished_run_is_not_recomputed(tiny_digits, tmp_path):
     train, val = tiny_digits
     first = ActiveLearningLoop(tiny_loop_config(cycles=1), "margin", 0, train, val, tmp_path, progress=False).run()
@@ -97,6 +101,7 @@ def test_running_out_of_pixels_names_the_image(tiny_digits, tmp_path):
         loop.initial_labels()
 
 
+@pytest.mark.slow
 def test_cli_writes_curve_and_plots(tmp_path, capsys):
     assert cli_main(["--config", "configs/al_digits.yaml", *tiny_experiment_overrides(tmp_path)]) == 0
     rows = list(csv.DictReader((tmp_path / "curve.csv").read_text().splitlines()))
@@ -147,9 +152,10 @@ def write_pairs(root, dataset, classes=None):
     return root
 
 
+@pytest.mark.slow
 def test_synthetic_pairs_join_every_cycles_training(tiny_digits, tmp_path, monkeypatch):
     from al import loop as loop_module
-    from al.loop import SyntheticConfig
+    from al.loop_config import SyntheticConfig
 
     train, val = tiny_digits
     root = write_pairs(tmp_path / "synthetic", val)
@@ -169,7 +175,7 @@ def test_synthetic_pairs_join_every_cycles_training(tiny_digits, tmp_path, monke
 
 def test_synthetic_pairs_with_other_classes_are_refused(tiny_digits, tmp_path):
     from al.data.base import DatasetError
-    from al.loop import SyntheticConfig
+    from al.loop_config import SyntheticConfig
 
     train, val = tiny_digits
     root = write_pairs(tmp_path / "synthetic", val, classes=[f"c{i}" for i in range(11)])
@@ -189,6 +195,7 @@ def _save_plot_repeatedly(path, times):
         save_figure(figure, path)
 
 
+@pytest.mark.slow
 def test_processes_sharing_an_output_folder_can_write_the_same_plot(tmp_path):
     # The experiment's seeds run as separate processes that all redraw curve.png.
     import multiprocessing
@@ -207,6 +214,7 @@ def test_processes_sharing_an_output_folder_can_write_the_same_plot(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["curve.png"]
 
 
+@pytest.mark.slow
 def test_warm_start_fine_tunes_the_previous_cycle_and_resumes_to_the_same_run(tiny_digits, tmp_path):
     """Cycle c > 0 starts from cycle c-1's weights; a crash during cycle 1's acquisition (its model
     already trained) resumes to exactly the uninterrupted run."""
@@ -224,6 +232,7 @@ def test_warm_start_fine_tunes_the_previous_cycle_and_resumes_to_the_same_run(ti
     assert [r.miou for r in cold[1:]] != [r.miou for r in straight[1:]]
 
 
+@pytest.mark.slow
 def test_runs_sharing_a_folder_train_cycle_0_once(tiny_digits, tmp_path, monkeypatch):
     """Every acquisition of a seed starts from the same labels and weights: the second run reuses
     the first one's cycle-0 model (same mIoU), then acquires on its own."""
@@ -245,6 +254,7 @@ def test_al_configs_load_and_validate(name):
     load_config(ExperimentConfig, f"configs/{name}.yaml").validate()
 
 
+@pytest.mark.slow
 def test_workers_share_an_experiment_and_give_the_same_curve(tmp_path):
     """Runs spread over two processes (spawned, each building its own data) reproduce the
     one-process curve exactly: seeds and labels never depend on which process ran what."""
@@ -256,6 +266,7 @@ def test_workers_share_an_experiment_and_give_the_same_curve(tmp_path):
     assert one == two and len(one.splitlines()) == 1 + 2 * 2  # header + 2 acquisitions x 2 cycles
 
 
+@pytest.mark.slow
 def test_mc_at_decoder_resolution_reaches_pool_scoring_and_only_then_enters_the_fingerprint(tiny_digits, tmp_path,
                                                                                             monkeypatch):
     import al.loop as loop_module
@@ -310,6 +321,7 @@ def curve(output):
     ("al.loop", "ActiveLearningLoop", "train_model", 2),  # mid-training of cycle 2
     ("al.loop", "ActiveLearningLoop", "_save_state", 4),  # between cycles: cycle 1 trained, its queries not made
 ])
+@pytest.mark.slow
 def test_a_run_killed_and_resumed_equals_the_uninterrupted_run(tmp_path, module, owner, name, n):
     import os
     import signal
@@ -330,13 +342,18 @@ def test_a_run_killed_and_resumed_equals_the_uninterrupted_run(tmp_path, module,
     assert curve(tmp_path / "killed") == curve(tmp_path / "whole")
 
 
+@pytest.mark.slow
 def test_a_run_on_other_data_is_refused(tmp_path, capsys):
     args = ["--config", "configs/al_digits.yaml", *tiny_experiment_overrides(tmp_path), "acquisitions=[random]",
             "supervised_reference=false", "loop.cycles=0"]
     assert cli_main(args) == 0
     assert cli_main(args + ["data.seed=7"]) == 2
-    assert "holds a run on other data (data.seed: 0 there, 7 now)" in capsys.readouterr().err
+    assert "holds work made with other settings (data.seed: 0 there, 7 now); use another output_dir" in capsys.readouterr().err
     assert cli_main(args) == 0  # the run itself still resumes
+    recorded = tmp_path / "runs" / "random" / "seed_0" / "data.json"
+    older = {k: v for k, v in json.loads(recorded.read_text()).items() if k != "val_split"}
+    recorded.write_text(json.dumps(older))  # a run recorded before data.val_split existed
+    assert cli_main(args) == 0
 
 
 def test_an_unwritable_output_folder_is_one_line_not_a_traceback(tmp_path, capsys):

@@ -47,6 +47,7 @@ def test_sparse_cross_entropy_only_counts_labelled_pixels():
     assert empty.item() == 0.0 and empty.requires_grad
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss_and_evaluate_scores_it(tiny_digits):
     train, _ = tiny_digits
     torch.manual_seed(0)
@@ -96,6 +97,7 @@ def test_mixed_sources_fill_batches_by_share():
     assert torch.equal(batch["image"][:, 0, 0, 0], batch["source"].float())  # items carry their own source
 
 
+@pytest.mark.slow
 def test_synthetic_pairs_change_what_is_learnt(tiny_digits):
     """Same seed and real labels: adding a weighted second source changes the trained weights."""
     train, _ = tiny_digits
@@ -113,6 +115,7 @@ def test_synthetic_pairs_change_what_is_learnt(tiny_digits):
     assert not torch.allclose(trained(real), mixed)
 
 
+@pytest.mark.slow
 def test_cosine_lr_schedule_decays_every_group_to_zero_over_all_steps(tiny_digits, monkeypatch):
     """The factor applied at optimizer step k of N is 0.5 (1 + cos(pi k / N)) for every parameter
     group; "constant" keeps it at 1; an unknown schedule is a config error naming the key."""

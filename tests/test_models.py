@@ -189,6 +189,7 @@ def test_mc_probs_equals_the_differentiable_head_sampler():
     torch.testing.assert_close(fast, reference, rtol=softmax_rtol(5), atol=0)  # same logits, two softmaxes
 
 
+@pytest.mark.slow
 def test_encoder_blocks_after_the_last_returned_stage_are_dropped_and_old_folders_still_load(tmp_path):
     import timm
     from safetensors.torch import save_file

@@ -2,12 +2,13 @@
 summary table, and a resume that recomputes nothing."""
 
 import csv
+import json
 
 import numpy as np
 import pytest
 import torch
 
-from guidedgen.pipeline import paired_changes, write_results
+from guidedgen.pipeline_report import paired_changes, write_results
 from scripts.pipeline import main as cli_main
 
 TINY = ["seeds=[0]", "data.num_train_images=4", "data.num_val_images=2", "data.size=64",
@@ -16,6 +17,7 @@ TINY = ["seeds=[0]", "data.num_train_images=4", "data.num_val_images=2", "data.s
         "generation.batch_size=2", "generation.guidance.strength=0.3", "progress=false"]
 
 
+@pytest.mark.slow
 def test_pipeline_writes_every_stage_and_resumes_without_recomputing(tmp_path, capsys):
     args = ["--config", "configs/pipeline_digits.yaml", f"output_dir={tmp_path}", *TINY]
     assert cli_main(args) == 0
@@ -39,6 +41,13 @@ def test_pipeline_writes_every_stage_and_resumes_without_recomputing(tmp_path, c
     assert cli_main(args) == 0  # resume: every stage found done, same numbers, timings kept
     assert (tmp_path / "results.csv").read_text() == first
     assert (tmp_path / "stages.csv").read_text() == stages
+    assert cli_main(args + ["train.lr=0.5"]) == 2  # stale stage-1 models are not reused
+    assert "train.lr: 0.001 there, 0.5 now" in capsys.readouterr().err
+    record_path = tmp_path / "seed_0" / "segmenter_0" / "training.json"
+    record = json.loads(record_path.read_text())
+    del record["identity"]  # as written before identities were recorded: still resumes
+    record_path.write_text(json.dumps(record))
+    assert cli_main(args) == 0 and (tmp_path / "results.csv").read_text() == first
 
 
 def test_paired_changes_are_per_seed_differences_and_the_summary_shows_them(tmp_path):
@@ -88,7 +97,7 @@ def tiny_judge(folder, num_classes=11):
 
 
 def test_judge_set_scores_fidelity_and_ignores_exactly_the_pixels_the_judge_reads_otherwise(tmp_path):
-    from al.experiment import DataConfig
+    from al.data.config import DataConfig
     from guidedgen.pipeline import judge_set, stacked
 
     images, masks = stacked(DataConfig(num_train_images=3, size=64, digits=[0, 1, 2]).build("train"))
@@ -110,6 +119,7 @@ def test_judge_set_scores_fidelity_and_ignores_exactly_the_pixels_the_judge_read
     assert (filtered[agree] == masks[agree]).all() and (filtered[~agree] == 255).all()
 
 
+@pytest.mark.slow
 def test_variants_snapshot_committee_and_label_filter(tmp_path):
     import json
 
@@ -188,6 +198,7 @@ def test_every_recipe_takes_as_many_optimizer_steps_as_real_only(recipe):
         [["real", "synthetic"]] if recipe == "joint" else [["synthetic"], ["real"]])
 
 
+@pytest.mark.slow
 def test_instance_mode_variants_and_recipes_in_the_pipeline(tmp_path):
     import json
 

@@ -15,9 +15,10 @@ from al.select import top_n
 
 
 def reference_balent(p: np.ndarray, ddof: int = 1, clip: bool = True, floored: bool = True):
-    """SPEC section 1 in float64 numpy/scipy. p: [K, C, P] -> (balent, acquisition) each [P].
+    """docs/methods.md#balanced-entropy in float64 numpy/scipy.
+    p: [K, C, P] -> (balent, acquisition) each [P].
     ``floored`` is the reference code's lnB = log(B + 1e-32) (``floored=False``: exact lnB).
-    ``ddof=0`` and ``clip=False`` reproduce the wrong ports SPEC warns about."""
+    ``ddof=0`` and ``clip=False`` reproduce known wrong ports (docs/methods.md#balanced-entropy)."""
     k = p.shape[0]
     with np.errstate(all="ignore"):
         mean_exact = np.exp(logsumexp(np.log(p), axis=0) - math.log(k))  # [C, P]
@@ -101,8 +102,8 @@ def test_balent_on_mc_like_inputs_matches_independent_float64_scipy(floored, noi
 
 
 def test_floor_reverses_the_ranking_on_mc_like_inputs():
-    """SPEC section 1: with MC-dropout-like samples the floored (reference) and exact lnB rank
-    pixels in nearly opposite orders, so the two must stay distinct scores."""
+    """docs/methods.md#the-lnb-floor: with MC-dropout-like samples the floored (reference) and
+    exact lnB rank pixels in nearly opposite orders, so the two must stay distinct scores."""
     from scipy.stats import spearmanr
 
     mc = as_mc(mc_like_samples(np.random.default_rng(5)).astype(np.float32))
@@ -132,7 +133,7 @@ def test_balent_top_n_picks_the_same_pixels_as_the_reference():
 
 
 def test_balent_known_wrong_ports_are_caught():
-    """The comparison above would fail for each mistake SPEC warns about."""
+    """The comparison above would fail for each known wrong port (docs/methods.md#balanced-entropy)."""
     rng = np.random.default_rng(3)
     p = dirichlet_samples(rng, 8, 4, 100, 2.0)
     ours = scores.balent_acquisition(as_mc(p.astype(np.float32)))[0].numpy()
@@ -237,6 +238,7 @@ def test_stochastic_scores_follow_the_generator(name):
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+@pytest.mark.slow
 def test_power_bald_top1_frequency_follows_bald():
     """Top-1 of log BALD + Gumbel is a draw proportional to BALD."""
     mc = mc_input(seed=3, n=1, h=1, w=4)
@@ -258,7 +260,7 @@ def test_differentiable_scores_have_finite_gradients(fn):
 
 def test_unknown_score_lists_valid_names():
     with pytest.raises(KeyError, match="balent"):
-        scores.get_score("balnet")
+        scores.SCORES.lookup("balnet")
 
 
 def test_bad_shape_is_explained():

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from al.select import SELECTION_RULES, NotEnoughPixelsError, get_rule, pixelpick, top_n
+from al.select import SELECTION_RULES, NotEnoughPixelsError, pixelpick, top_n
 
 
 def test_top_n_takes_the_largest_available_scores():
@@ -58,4 +58,4 @@ def test_asking_for_more_pixels_than_unlabelled_is_explained():
 
 def test_unknown_rule_lists_valid_names():
     with pytest.raises(KeyError, match="pixelpick"):
-        get_rule("top-n")
+        SELECTION_RULES.lookup("top-n")

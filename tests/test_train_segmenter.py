@@ -41,6 +41,23 @@ def test_a_damaged_record_is_named_and_a_good_one_skips_training(tmp_path, capsy
     assert f"{tmp_path / 'training.json'} is not a training record" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_other_settings_are_refused_by_name_and_overwrite_replaces(tmp_path, capsys):
+    assert run(tmp_path) == 0
+    assert run(tmp_path, "train.lr=0.01", "progress=true") == 2
+    error = capsys.readouterr().err
+    assert "train.lr: 0.001 there, 0.01 now" in error and "overwrite=true" in error and "progress" not in error
+    assert run(tmp_path, "train.lr=0.01", "overwrite=true") == 0
+    record = json.loads((tmp_path / "training.json").read_text())
+    assert record["config"]["train"]["lr"] == 0.01
+    # a record written before a setting existed resumes at that setting's default
+    del record["config"]["overwrite"], record["config"]["data"]["val_split"]
+    (tmp_path / "training.json").write_text(json.dumps(record))
+    capsys.readouterr()
+    assert run(tmp_path, "train.lr=0.01") == 0 and "already holds this segmenter" in capsys.readouterr().out
+
+
+@pytest.mark.slow
 def test_the_script_runs_as_a_command(tmp_path):
     """As make demo calls it: a subprocess whose exit code and message are the CLI's."""
     import os

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from al.data.base import SegmentationDataset
-from al.experiment import DATA_CONFIG_NAME, DataConfig
+from al.data.config import DATA_CONFIG_NAME, DataConfig
 from al.labels import SparseLabels
 from al.models import Segmenter
 from al.plots import class_colours

@@ -9,10 +9,7 @@ from al.data.base import (
 )
 from al.data.digitscenes import DIGIT_CLASSES, DigitScenesConfig, digit_scenes
 from al.data.folder import DatasetWriter, load_folder
-from al.data.standard import ade20k, camvid, cityscapes, voc
-
-# Config name -> reader(root, split) for layouts on disk.
-LAYOUTS = {"voc": voc, "cityscapes": cityscapes, "camvid": camvid, "ade20k": ade20k}
+from al.data.standard import LAYOUTS, ade20k, camvid, cityscapes, voc
 
 __all__ = [
     "ArrayDataset", "DatasetError", "FileDataset", "Sample", "SegmentationDataset", "DIGIT_CLASSES",

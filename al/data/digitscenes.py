@@ -11,7 +11,7 @@ scenes reproduces bit for bit. The train and val splits use disjoint digit scans
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import lru_cache
 
 import numpy as np
@@ -28,12 +28,13 @@ SPLITS = {"train": 0, "val": 1, "test": 2}
 _HELD_OUT_EVERY = 5
 
 
-@dataclass(frozen=True)
-class DigitScenesConfig:
-    num_images: int = 200
+@dataclass
+class DigitScenesLayout:
+    """How scenes are drawn: everything but which split and how many (shared with the
+    experiments' data config, ``al.data.config.DataConfig``)."""
+
     size: int = 64
     seed: int = 0
-    split: str = "train"
     min_digits: int = 2
     max_digits: int = 4
     min_digit_size: int = 18
@@ -45,6 +46,16 @@ class DigitScenesConfig:
     @property
     def classes(self) -> list[str]:
         return ["background"] + [DIGIT_CLASSES[d + 1] for d in self.digits]
+
+    def layout(self) -> dict:
+        """This layout's fields, as keyword arguments for another layout-based config."""
+        return {f.name: getattr(self, f.name) for f in fields(DigitScenesLayout)}
+
+
+@dataclass
+class DigitScenesConfig(DigitScenesLayout):
+    num_images: int = 200
+    split: str = "train"
 
 
 @lru_cache(maxsize=1)

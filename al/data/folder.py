@@ -1,4 +1,5 @@
-"""The project's on-disk dataset layout (DESIGN.md): reader and atomic, resumable writer.
+"""The project's on-disk dataset layout (docs/methods.md#dataset-folder-format): reader and
+atomic, resumable writer.
 
 ```
 <root>/images/<id>.png      RGB
@@ -19,31 +20,12 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 from PIL import Image
 
+from al.atomic import atomic_write_bytes, is_temporary, temporary_name
 from al.data.base import DatasetError, FileDataset, check_pair, read_index_mask
 
 DATASET_JSON = "dataset.json"
 METADATA_JSONL = "metadata.jsonl"
 SAMPLE_FOLDERS = ("images", "masks", "ignore")
-TMP_MARK = ".tmp-"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary name in the same folder, fsync, then rename over ``path``."""
-    tmp = temporary_name(path)
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def temporary_name(path: Path) -> Path:
-    """Where an atomic write stages ``path`` (``.<name>.tmp-<pid>`` beside it)."""
-    return path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
-
-
-def is_temporary(path: Path) -> bool:
-    return path.name.startswith(".") and TMP_MARK in path.name
 
 
 def remove_stale_temporaries(root: Path) -> list[Path]:
@@ -139,7 +121,9 @@ class DatasetWriter:
         self.classes, self.ignore_index = list(classes), ignore_index
         for sub in ("images", "masks"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
-        header = {"classes": self.classes, "ignore_index": ignore_index, "palette": palette, **(info or {})}
+        # as JSON reads it back (tuples become lists), so a resume compares like with like
+        header = json.loads(json.dumps({"classes": self.classes, "ignore_index": ignore_index, "palette": palette,
+                                        **(info or {})}))
         info_path = self.root / DATASET_JSON
         if info_path.exists():
             existing = json.loads(info_path.read_text())

@@ -102,3 +102,7 @@ def ade20k(root: Union[str, os.PathLike], split: str = "training") -> FileDatase
     pairs = [(p.stem, p, root / "annotations" / split / f"{p.stem}.png") for p in sorted(images.glob("*.jpg"))]
     table = {0: IGNORE_INDEX, **{i: i - 1 for i in range(1, 151)}}
     return FileDataset(pairs, ADE20K_CLASSES, IGNORE_INDEX, lookup_table(table), source=str(images))
+
+
+# Config name -> reader(root, split) for layouts on disk.
+LAYOUTS = {"voc": voc, "cityscapes": cityscapes, "camvid": camvid, "ade20k": ade20k}
