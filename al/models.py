@@ -24,12 +24,14 @@ from al.config import require
 from al.deal import DifficultyBranch
 from al.diffusion_features import ENSEMBLE_RECORD, DiffusionFeatureSegmenter
 from al.pretrained import LOCAL_ENCODER_WEIGHTS
+from al.registry import Registry
 
-ARCHITECTURES: dict[str, type] = {
+# Config name (model.arch) -> smp class; open: ARCHITECTURES.register("name", cls).
+ARCHITECTURES: Registry[type] = Registry("architecture", {
     "unet": smp.Unet,
     "deeplabv3plus": smp.DeepLabV3Plus,
     "fpn": smp.FPN,
-}
+})
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -62,16 +64,14 @@ class Segmenter(nn.Module):
 
     def __init__(self, config: SegmenterConfig, encoder_weights: Optional[str] = None):
         super().__init__()
-        arch = config.arch.lower()
-        if arch not in ARCHITECTURES:
-            raise KeyError(f"unknown architecture {config.arch!r}; choose one of {sorted(ARCHITECTURES)}")
+        architecture = ARCHITECTURES.lookup(config.arch.lower())
         if not 0.0 <= config.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {config.dropout}")
         self.config = config
         decoder = {} if config.decoder_channels is None else {"decoder_channels": config.decoder_channels}
         local_weights = LOCAL_ENCODER_WEIGHTS.get(encoder_weights) if encoder_weights else None
         try:
-            self.net = ARCHITECTURES[arch](
+            self.net = architecture(
                 encoder_name=config.encoder,
                 encoder_weights=None if local_weights else encoder_weights,
                 encoder_depth=config.encoder_depth,

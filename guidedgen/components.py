@@ -26,13 +26,16 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-# Config name -> scheduler class; every one exposes alphas_cumprod and scale_model_input.
-SCHEDULERS: dict[str, type] = {
+from al.registry import Registry
+
+# Config name -> scheduler class; every one exposes alphas_cumprod and scale_model_input. Open:
+# SCHEDULERS.register("name", cls).
+SCHEDULERS: Registry[type] = Registry("scheduler", {
     "ddim": DDIMScheduler,
     "unipc": UniPCMultistepScheduler,
     "dpm_solver": DPMSolverMultistepScheduler,
     "euler": EulerDiscreteScheduler,
-}
+})
 
 TORCH_DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -83,13 +86,6 @@ class Components:
         return [directory / name for name in names]
 
 
-def _scheduler_class(name: str) -> type:
-    try:
-        return SCHEDULERS[name]
-    except KeyError:
-        raise KeyError(f"unknown scheduler {name!r}; choose one of {sorted(SCHEDULERS)}") from None
-
-
 def load_components(config: ComponentsConfig) -> Components:
     """Load real checkpoints (a local folder or a hub id) with ``from_pretrained``."""
     if config.mixed_precision not in TORCH_DTYPES:
@@ -107,7 +103,7 @@ def load_components(config: ComponentsConfig) -> Components:
             vae=AutoencoderKL.from_pretrained(path, subfolder="vae", **weights),
             text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **weights),
             tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **common),
-            scheduler=_scheduler_class(config.scheduler).from_pretrained(path, subfolder="scheduler", **common),
+            scheduler=SCHEDULERS.lookup(config.scheduler).from_pretrained(path, subfolder="scheduler", **common),
         )
     except (OSError, ValueError) as error:
         raise OSError(
@@ -189,7 +185,7 @@ def tiny_components(
         hidden_size=cross_attention_dim, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
         vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length,
     ))
-    scheduler_instance = _scheduler_class(scheduler)(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    scheduler_instance = SCHEDULERS.lookup(scheduler)(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                                      num_train_timesteps=1000)
     components = Components(unet, controlnets, vae, text_encoder, tokenizer, scheduler_instance)
     for module in components.modules():
