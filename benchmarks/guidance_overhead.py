@@ -136,7 +136,7 @@ def digits_setup(args) -> Setup:
     prompts = [prompt_for(m, list(data.classes), config.prompt_template) for m in masks]
     seeds = [sample_seed(config.seed, i) for i in range(args.count)]
     guides = [load_model(path, "cpu") for path in config.guidance.segmenters]
-    objective = build_objective(config.guidance.objective, guides, data.ignore_index, **config.guidance.objective_options())
+    objective = build_objective(config.guidance.objective, guides, data.ignore_index, **config.guidance.options)
     components = build_components(config, torch.device("cpu"))
     palette = build_palette(config.palette, list(data.classes), data.ignore_index)
     judge = load_judge(JUDGE_DIR)[0] if Path(JUDGE_DIR, "config.json").is_file() else None

@@ -62,7 +62,7 @@ def main() -> None:
     prompts = [prompt_for(m, classes, config.prompt_template) for m in masks]
     seeds = [sample_seed(config.seed, i) for i in range(args.count)]
     guides = [load_model(path, device) for path in config.guidance.segmenters]
-    objective = build_objective(config.guidance.objective, guides, ignore_index, **config.guidance.objective_options())
+    objective = build_objective(config.guidance.objective, guides, ignore_index, **config.guidance.options)
     components = build_components(config, device)
     palette = build_palette(config.palette, classes, ignore_index)
     print(f"{config.guidance.objective} guidance, {args.count} {config.masks_split} masks, judge {args.judge}")

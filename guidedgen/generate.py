@@ -7,9 +7,10 @@ each process writes only its own finished samples, and a re-run resumes.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import diffusers
 import numpy as np
@@ -66,16 +67,21 @@ class GuidanceConfig:
     # n^2 less decoder and segmenter work per guided step; 1 = full resolution, the exact path
     decode_downsample: int = 1
     segmenters: list[str] = field(default_factory=list)  # saved models (al.models.load_model): segmenters or a pixel ensemble
-    committee_kind: str = "kl"
-    emc_labels: str = "mask"
-    mc_samples: int = 8
+    # the objective's own keyword arguments, e.g. {kind: vote_entropy} for committee, {labels:
+    # sampled} for expected_model_change, {k: 16} for mc_dropout_std; unset = its defaults
+    options: dict[str, Any] = field(default_factory=dict)
 
     def schedule(self) -> GuidanceSchedule:
         return GuidanceSchedule(self.strength, self.start, self.end, self.every, self.normalize, self.clip, self.decay)
 
-    def objective_options(self) -> dict:
-        return {"committee": {"kind": self.committee_kind}, "expected_model_change": {"labels": self.emc_labels},
-                "mc_dropout_std": {"k": self.mc_samples}}.get(self.objective, {})
+    def validate_options(self, prefix: str = "guidance") -> None:
+        """Every option is a keyword argument of the objective (not the guides, not the generator)."""
+        if self.objective not in OBJECTIVES:
+            return
+        accepted = sorted(set(inspect.signature(OBJECTIVES[self.objective]).parameters)
+                          - {"segmenters", "ignore_index", "generator"})
+        for key in self.options:
+            require(key in accepted, f"{prefix}.options", key, f"an option of objective {self.objective!r}: {accepted}")
 
 
 @dataclass
@@ -124,6 +130,7 @@ class GenerateConfig:
         require(self.num_inference_steps >= 1, "num_inference_steps", self.num_inference_steps, "an integer >= 1")
         require(self.guidance.objective is None or self.guidance.objective in OBJECTIVES, "guidance.objective",
                 self.guidance.objective, f"null or one of {sorted(OBJECTIVES)}")
+        self.guidance.validate_options()
         try:  # the schedule checks its own strength, window, step, normalisation and clip
             self.guidance.schedule()
         except ValueError as error:
@@ -167,6 +174,12 @@ class GenerateConfig:
         for key in ("output_dir", "num_samples", "overwrite", "batch_size", "progress", "contact_sheet_samples",
                     "contact_sheet_file", "vae_gradient_checkpointing", "vae_slicing"):
             values.pop(key)
+        # Sets written before guidance.options recorded the options' defaults as flat keys: a set
+        # with no options keeps that identity, so those folders still resume.
+        options = values["guidance"].pop("options")
+        values["guidance"].update(committee_kind="kl", emc_labels="mask", mc_samples=8)
+        if options:
+            values["guidance"]["options"] = options
         return values
 
 
@@ -187,7 +200,7 @@ def build_sampler(config: GenerateConfig, components: Components, palette: Palet
         schedule = dataclasses.replace(schedule, strength=strength)
     objective = None
     if guidance.objective is not None and segmenters:
-        objective = build_objective(guidance.objective, segmenters, ignore_index, **guidance.objective_options())
+        objective = build_objective(guidance.objective, segmenters, ignore_index, **guidance.options)
     return GuidedControlNetSampler(
         components, palette, objective, schedule, guidance.gradient_path, config.num_inference_steps,
         config.guidance_scale, config.controlnet_conditioning_scale, config.negative_prompt,

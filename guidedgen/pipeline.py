@@ -133,6 +133,8 @@ class PipelineConfig:
                 require(False, f"variants.{name}", key, f"keys of generation.guidance {sorted(keys)} or one of {CONDITION_KEYS}")
         for name in self.conditions:
             guidance = self.condition(name).guidance
+            if guidance is not None:
+                guidance.validate_options(f"variants.{name}" if name in self.variants else "generation.guidance")
             try:
                 if guidance is not None:
                     guidance.schedule()

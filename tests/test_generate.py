@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from al.config import ConfigError
 from al.data import load_folder
 from al.data.folder import read_metadata
 from guidedgen.writer import sample_seed, shard
@@ -77,6 +78,7 @@ def test_another_config_is_refused_unless_overwrite(tmp_path, segmenter_dir, cap
 
 @pytest.mark.parametrize("override,message", [
     ("guidance.objective=uncertainty", "guidance.objective"),
+    ("guidance.options.kind=kl", "an option of objective 'entropy': []"),
     ("guidance.segmenters=[]", "guidance.segmenters"),
     ("components.scheduler=pndm", "components.scheduler"),
     ("num_samples=0", "num_samples"),
@@ -101,6 +103,18 @@ def test_a_guide_of_other_classes_is_refused_before_sampling(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "guidance.segmenters" in err and "11 classes" in err and "predicts 4" in err
     assert not out.exists()  # refused before anything was written
+
+
+def test_objective_options_are_the_objectives_own_and_enter_the_identity_of_a_set():
+    from guidedgen.generate import GenerateConfig, GuidanceConfig
+
+    GuidanceConfig(objective="committee", options={"kind": "vote_entropy"}).validate_options()
+    with pytest.raises(ConfigError, match="an option of objective 'committee': \\['kind'\\]"):
+        GuidanceConfig(objective="committee", options={"labels": "mask"}).validate_options()
+    plain = GenerateConfig(guidance=GuidanceConfig(objective="committee")).defining_config()["guidance"]
+    assert "options" not in plain and plain["committee_kind"] == "kl"  # the flat form earlier sets recorded
+    voting = GenerateConfig(guidance=GuidanceConfig(objective="committee", options={"kind": "vote_entropy"}))
+    assert voting.defining_config()["guidance"]["options"] == {"kind": "vote_entropy"}
 
 
 def test_a_last_layer_objective_with_a_pixel_ensemble_is_refused_at_config_time(tmp_path, capsys):
