@@ -93,6 +93,9 @@ class SegmenterObjective(nn.Module):
 
     min_segmenters = 1
     guide: type = Guide  # the protocol every guiding model must follow for this objective
+    # True: forward takes generators=[one per sample] for its random draws (the sampler passes them),
+    # so a sample's draws do not depend on the batch around it
+    draws = False
 
     def __init__(self, segmenters: Sequence[Guide], ignore_index: int = 255):
         super().__init__()
@@ -158,8 +161,9 @@ class ExpectedModelChange(SegmenterObjective):
         if labels not in ("mask", "sampled"):
             raise ValueError(f"expected_model_change labels {labels!r}; choose 'mask' or 'sampled'")
         self.labels, self.num_label_samples, self.generator = labels, num_label_samples, generator
+        self.draws = labels == "sampled"
 
-    def forward(self, images: Tensor, masks: Tensor) -> Tensor:
+    def forward(self, images: Tensor, masks: Tensor, generators: Optional[Sequence[torch.Generator]] = None) -> Tensor:
         norms = []
         for segmenter in self.segmenters:
             features = segmenter.features(images)
@@ -168,9 +172,13 @@ class ExpectedModelChange(SegmenterObjective):
             if self.labels == "mask":
                 norms.append(last_layer_gradient_norm(inputs, probs, masks, self.ignore_index))
                 continue
-            flat = probs.detach().permute(0, 2, 3, 1).reshape(-1, probs.shape[1])
+            per_image = probs.detach().permute(0, 2, 3, 1).reshape(len(probs), -1, probs.shape[1])
             for _ in range(self.num_label_samples):
-                drawn = torch.multinomial(flat, 1, generator=self.generator).view(masks.shape)
+                if generators is None:
+                    drawn = torch.multinomial(per_image.flatten(0, 1), 1, generator=self.generator).view(masks.shape)
+                else:
+                    drawn = torch.stack([torch.multinomial(p, 1, generator=g).view(masks.shape[1:])
+                                         for p, g in zip(per_image, generators)])
                 drawn = torch.where(masks == self.ignore_index, self.ignore_index, drawn)
                 norms.append(last_layer_gradient_norm(inputs, probs, drawn, self.ignore_index) / self.num_label_samples)
         return torch.stack(norms).sum(0) / len(self.segmenters)
@@ -180,15 +188,21 @@ class MCDropoutStd(SegmenterObjective):
     """Ablation: mean per-pixel std of last-layer MC-dropout samples (found too noisy to guide)."""
 
     guide = LastLayerGuide
+    draws = True
 
     def __init__(self, segmenters: Sequence[Segmenter], ignore_index: int = 255, k: int = 8,
                  generator: Optional[torch.Generator] = None):
         super().__init__(segmenters, ignore_index)
         self.k, self.generator = k, generator
 
-    def forward(self, images: Tensor, masks: Tensor) -> Tensor:
+    def forward(self, images: Tensor, masks: Tensor, generators: Optional[Sequence[torch.Generator]] = None) -> Tensor:
         segmenter = self.segmenters[0]
-        samples = sample_head(segmenter, segmenter.features(images), self.k, self.generator)
+        features = segmenter.features(images)
+        if generators is None:
+            samples = sample_head(segmenter, features, self.k, self.generator)
+        else:  # each sample's dropout masks from its own generator
+            samples = torch.cat([sample_head(segmenter, features[j:j + 1], self.k, g)
+                                 for j, g in enumerate(generators)], dim=1)
         return valid_mean(mean_std(samples), masks, self.ignore_index)
 
 

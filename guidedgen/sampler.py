@@ -17,6 +17,7 @@ regenerated part only, and the update moves only that part.
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -97,6 +98,15 @@ class Denoising:
     image_latents: Optional[Tensor] = None  # [N, 4, h, w] of a known region's images
     region: Optional[Tensor] = None  # [N, 1, h, w] 1 where generated, 0 where known
     traces: list[SampleTrace] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)  # one per sample
+
+    def step_generators(self, step: int, device: torch.device) -> list[torch.Generator]:
+        """One generator per sample for an objective's random draws at ``step``, seeded from (the
+        sample's seed, the step): the draws depend on neither the batch nor an earlier step, so a
+        sample is the same in any batch, process count or resumed run."""
+        return [torch.Generator(device).manual_seed(
+            int.from_bytes(hashlib.sha256(f"{seed}/guidance/{step}".encode()).digest()[:8], "little") >> 1)
+            for seed in self.seeds]
 
     def fill_known(self, x0: Tensor) -> Tensor:
         """The x0 estimate with the known latents outside the regenerated part (what the loop will keep)."""
@@ -263,19 +273,24 @@ class GuidedControlNetSampler:
             raise ValueError(f"latent size {latent_size} of masks {tuple(masks.shape[1:])} must be divisible by "
                              f"decode_downsample={self.decode_downsample}")
 
-    def guided_objective(self, x0: Tensor, masks: Tensor) -> Tensor:
+    def guided_objective(self, x0: Tensor, masks: Tensor,
+                         generators: Optional[Sequence[torch.Generator]] = None) -> Tensor:
         """The objective of the x0 estimate ``[N, 4, h, w]`` decoded (at 1/``decode_downsample``
-        resolution) against ``masks [N, H, W]``: ``[N]``."""
+        resolution) against ``masks [N, H, W]``: ``[N]``. An objective that draws random numbers
+        (``draws``: MC dropout, sampled labels) gets ``generators``, one per sample."""
         factor = self.decode_downsample
-        return self.objective(self.decode(downsample_latents(x0, factor)), downsample_masks(masks, factor))
+        draws = {"generators": generators} if generators is not None and getattr(self.objective, "draws", False) else {}
+        return self.objective(self.decode(downsample_latents(x0, factor)), downsample_masks(masks, factor), **draws)
 
-    def _guidance_gradient(self, run: "Denoising", latents: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(model output, gradient w.r.t. latents, objective values) at one guided step."""
+    def _guidance_gradient(self, run: "Denoising", i: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(model output, gradient w.r.t. latents, objective values) at guided step ``i``."""
+        latents, t, generators = run.latents, run.timesteps[i], run.step_generators(i, self.device)
         if self.gradient_path == "through_unet":
             with torch.enable_grad():
                 z = latents.detach().requires_grad_(True)
                 output = self.predict_noise(z, t, run.embeddings, run.controls)
-                value = self.guided_objective(run.fill_known(self.x0_estimate(z, output, t)), run.objective_masks)
+                value = self.guided_objective(run.fill_known(self.x0_estimate(z, output, t)), run.objective_masks,
+                                              generators)
                 (gradient,) = torch.autograd.grad(value.sum(), z)
             return output.detach(), gradient, value.detach()
         with torch.no_grad():
@@ -283,7 +298,7 @@ class GuidedControlNetSampler:
             x0 = self.x0_estimate(latents, output, t)
         with torch.enable_grad():
             x0 = x0.detach().requires_grad_(True)
-            value = self.guided_objective(run.fill_known(x0), run.objective_masks)
+            value = self.guided_objective(run.fill_known(x0), run.objective_masks, generators)
             (gradient,) = torch.autograd.grad(value.sum(), x0)
         return output, gradient, value.detach()
 
@@ -291,7 +306,7 @@ class GuidedControlNetSampler:
         """Guidance at step ``i`` of ``run``: the model output, the objective's gradient and the latent
         update (zero outside a known region's regenerated part, and for a non-finite gradient)."""
         t = run.timesteps[i]
-        output, gradient, value = self._guidance_gradient(run, run.latents, t)
+        output, gradient, value = self._guidance_gradient(run, i)
         finite = torch.isfinite(gradient.flatten(1)).all(1).view(-1, 1, 1, 1)
         gradient = torch.where(finite, gradient, 0)
         if run.region is not None:  # only the regenerated part moves (and sets the normalisation)
@@ -353,7 +368,7 @@ class GuidedControlNetSampler:
             region = F.interpolate(regenerate[:, None].float(), size=shape[1:]).to(self.dtype)
             objective_masks = torch.where(regenerate, masks, torch.full_like(masks, self.palette.ignore_index))
         return Denoising(embeddings, controls, timesteps, latents, objective_masks, noise, image_latents, region,
-                         [SampleTrace() for _ in range(n)])
+                         [SampleTrace() for _ in range(n)], [int(seed) for seed in seeds])
 
     def encode(self, images: Tensor, generators: Sequence[torch.Generator]) -> Tensor:
         """Images ``[N, 3, H, W]`` in [0, 1] -> scaled latents, one posterior sample per image from its

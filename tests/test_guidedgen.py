@@ -305,11 +305,11 @@ def test_bad_masks_are_explained(components):
 FLOAT64_RTOL = 1e-9
 
 
-def float64_sampler(segmenters, components=None, **kwargs) -> GuidedControlNetSampler:
+def float64_sampler(segmenters, components=None, objective="entropy", options=None, **kwargs) -> GuidedControlNetSampler:
     import copy
 
     components = (components or tiny_components(seed=0)).to("cpu", torch.float64)
-    objective = build_objective("entropy", [copy.deepcopy(s).double() for s in segmenters])
+    objective = build_objective(objective, [copy.deepcopy(s).double() for s in segmenters], **(options or {}))
     return GuidedControlNetSampler(components, PALETTE, objective, num_inference_steps=kwargs.pop("steps", 4),
                                    guidance_scale=2.0, **kwargs)
 
@@ -341,15 +341,23 @@ def test_vae_gradient_checkpointing_and_slicing_change_nothing(guiding_segmenter
     assert torch.allclose(rms, torch.full_like(rms, 0.1 * noise_level), rtol=1e-9)
 
 
-def test_a_sample_guided_alone_gets_the_gradient_it_gets_in_a_batch(guiding_segmenters, digit_masks_32):
-    """Per-sample generators and per-sample normalisation: one guided step of sample 2 does not depend
-    on the batch around it (compared at one step; after a guided loop rounding is amplified)."""
+@pytest.mark.parametrize("objective,options", [("entropy", {}), ("mc_dropout_std", {}),
+                                               ("expected_model_change", {"labels": "sampled"})])
+def test_a_sample_guided_alone_gets_the_gradient_it_gets_in_a_batch(guiding_segmenters, digit_masks_32, objective,
+                                                                   options):
+    """Per-sample generators (also for the objectives' own random draws: dropout masks, sampled
+    labels) and per-sample normalisation: one guided step of sample 2 does not depend on the batch
+    around it, and a step taken again (a resumed run) draws the same (compared at one step; after a
+    guided loop rounding is amplified)."""
     masks, _ = digit_masks_32
-    sampler = float64_sampler(guiding_segmenters, schedule=GuidanceSchedule(strength=0.3), steps=6)
-    together = sampler.guidance_step(sampler.prepare(masks, PROMPTS, SEEDS), 0)
-    alone = sampler.guidance_step(sampler.prepare(masks[2:3], PROMPTS[2:3], SEEDS[2:3]), 0)
+    sampler = float64_sampler(guiding_segmenters, objective=objective, options=options,
+                              schedule=GuidanceSchedule(strength=0.3), steps=6)
+    together = sampler.guidance_step(sampler.prepare(masks, PROMPTS, SEEDS), 1)
+    alone = sampler.guidance_step(sampler.prepare(masks[2:3], PROMPTS[2:3], SEEDS[2:3]), 1)
+    again = sampler.guidance_step(sampler.prepare(masks[2:3], PROMPTS[2:3], SEEDS[2:3]), 1)
     for name in ("output", "gradient", "value", "update"):
         assert_close_at_float64(getattr(together, name)[2:3], getattr(alone, name))
+        assert torch.equal(getattr(again, name), getattr(alone, name))
     assert not torch.allclose(together.update[1:2], alone.update)  # the samples do differ
 
 
