@@ -1,11 +1,16 @@
-"""FreeMask's pixel filter for synthetic pairs (Yang et al., NeurIPS 2023, `preprocess/filter.py`).
+"""FreeMask's pixel filter and hardness-aware re-sampling for synthetic pairs (Yang et al.,
+NeurIPS 2023, `preprocess/filter.py` and `preprocess/resample.py`).
 
-A segmenter trained on the real data reads every synthetic pixel; where its cross-entropy against
-the synthetic mask is more than ``margin`` (1.25) times the mean cross-entropy of that class on
-*real* pixels, the pixel is likely mislabelled by the generator (the image does not show what the
-mask says) and is ignored in training. The class means follow the reference's arithmetic,
-``sum / (count + 1e-5)``, so a class absent from the real pixels has mean 0 and every synthetic
-pixel of it is ignored.
+Filter: a segmenter trained on the real data reads every synthetic pixel; where its cross-entropy
+against the synthetic mask is more than ``margin`` (1.25) times the mean cross-entropy of that
+class on *real* pixels, the pixel is likely mislabelled by the generator (the image does not show
+what the mask says) and is ignored in training. The class means follow the reference's
+arithmetic, ``sum / (count + 1e-5)``, so a class absent from the real pixels has mean 0 and every
+synthetic pixel of it is ignored.
+
+Re-sampling: a mask's hardness is the pixel-weighted mean of its classes' mean losses; ranked from
+easiest to hardest, the i-th of N masks (1-based) keeps ``min(1 + round(i / N * K), K)`` of its K
+synthetic variants, so harder layouts contribute more synthetic images.
 """
 
 from __future__ import annotations
@@ -54,3 +59,28 @@ def filter_by_loss(losses: Tensor, masks: Tensor, class_means: Tensor, ignore_in
     threshold = class_means.to(losses.device)[torch.where(labelled, masks, 0).long()] * margin
     noisy = labelled & (losses.double() > threshold)
     return torch.where(noisy, torch.full_like(masks, ignore_index), masks)
+
+
+def mask_hardness(masks: Tensor, class_means: Tensor, ignore_index: int) -> Tensor:
+    """Each mask's pixel-weighted mean of its classes' mean losses, ``sum / (count + 1e-5)`` over
+    the labelled pixels as the reference computes it (a mask with none labelled: 0).
+
+    Shape: ``masks [N, H, W], class_means [C] -> [N]`` float64.
+    """
+    labelled = masks != ignore_index
+    per_pixel = class_means.double().to(masks.device)[torch.where(labelled, masks, 0).long()] * labelled
+    return per_pixel.sum((1, 2)) / (labelled.sum((1, 2)).double() + CLASS_COUNT_FLOOR)
+
+
+def hardness_keep_counts(hardness: Tensor, most: int) -> list[int]:
+    """How many variants each unit keeps, from its hardness: ranked from easiest to hardest (ties in
+    the given order), the i-th of N (1-based) keeps ``min(1 + round(i / N * most), most)``, Python's
+    round (halves to even) as in the reference.
+
+    Shape: ``hardness [N] -> N counts``, in the given order.
+    """
+    order = sorted(range(len(hardness)), key=lambda unit: float(hardness[unit]))
+    counts = [0] * len(order)
+    for rank, unit in enumerate(order, start=1):
+        counts[unit] = min(1 + round(rank / len(order) * most), most)
+    return counts

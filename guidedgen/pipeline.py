@@ -10,8 +10,10 @@ a killed run resumes::
     <output_dir>/seed_<s>/generated/<condition>/  stage 2: synthetic pairs (resumable writer)
     <output_dir>/shared/generated/<condition>/    stage 2 of an unguided condition with share_unguided:
                                                   nothing seed-specific enters it, so all seeds train on it
-    <output_dir>/seed_<s>/retrained/<condition>[_filtered][_finetune]/  stage 3+4: real + the kept
-                                                  synthetic pairs (label-filtered; the recipe), val mIoU
+    <output_dir>/seed_<s>/retrained/<condition>[_filtered|_loss-filtered|_resampled][_finetune]/
+                                                  stage 3+4: real + the kept synthetic pairs (label-
+                                                  filtered, loss-filtered or hardness-resampled; the
+                                                  recipe), val mIoU
     <output_dir>/results.csv, summary.md, miou.png, stages.csv,
                  sets.png (the first seed's sets side by side, same masks)
 """
@@ -50,7 +52,14 @@ from al.train import (
 from guidedgen.generate import GenerateConfig, GuidanceConfig, run_generation
 from guidedgen.guidance import OBJECTIVES, build_objective
 from guidedgen.instances import InstanceConfig, find_instances
-from guidedgen.loss_filter import DEFAULT_MARGIN, class_mean_losses, filter_by_loss, pixel_losses
+from guidedgen.loss_filter import (
+    DEFAULT_MARGIN,
+    class_mean_losses,
+    filter_by_loss,
+    hardness_keep_counts,
+    mask_hardness,
+    pixel_losses,
+)
 from guidedgen.pipeline_report import REAL_ONLY, write_results
 from guidedgen.quality import load_judge
 from guidedgen.sheet import sets_sheet
@@ -59,6 +68,7 @@ UNGUIDED = "unguided"
 REAL_PLUS = "real + "  # the condition of a retrained row: REAL_PLUS + set name
 FILTERED = " filtered"  # set name suffix of a label-filtered set
 LOSS_FILTERED = " loss-filtered"  # set name suffix of a set filtered by FreeMask's pixel filter
+RESAMPLED = " resampled"  # set name suffix of a set kept by FreeMask's hardness-aware re-sampling
 MODES = ("whole", "instance")  # whole images from the masks, or one instance regenerated in a real image
 RECIPES = ("joint", "finetune")  # real + synthetic mixed in every batch, or synthetic first then real
 FIRST = "first"  # the selection that keeps the first k variants of a unit (no ranking)
@@ -94,6 +104,12 @@ class PipelineConfig:
     # loss_filter_margin x its class's mean loss on the real pixels (condition "<name> loss-filtered")
     loss_filter: bool = False
     loss_filter_margin: float = DEFAULT_MARGIN
+    # FreeMask's hardness-aware re-sampling: with hardness_resampling, every set is also retrained
+    # keeping, instead of keep_per_unit, between 1 and variants_per_unit variants per unit, more for
+    # harder units (whole mode: the mask's pixel-weighted mean class loss under the seed's segmenter
+    # 0; instance mode: the instance's class's mean loss), the top ones by the condition's
+    # selection (condition "<name> resampled")
+    hardness_resampling: bool = False
     # A unit is a real mask (whole mode) or an instance (instance mode): variants_per_unit are
     # generated per unit and keep_per_unit of them are kept, the top ones by the condition's
     # objective under the stage-1 segmenters (Figure 1's "generate many, keep the informative").
@@ -151,6 +167,8 @@ class PipelineConfig:
         require(self.variants_per_unit >= 1, "variants_per_unit", self.variants_per_unit, "an integer >= 1")
         require(1 <= self.keep_per_unit <= self.variants_per_unit, "keep_per_unit", self.keep_per_unit,
                 f"an integer in [1, variants_per_unit={self.variants_per_unit}]")
+        require(self.variants_per_unit >= 2 or not self.hardness_resampling, "variants_per_unit", self.variants_per_unit,
+                "an integer >= 2 with hardness_resampling (it keeps 1 to variants_per_unit variants per unit)")
         for recipe in self.recipes:
             require(recipe in RECIPES, "recipes", recipe, f"one of {RECIPES}")
         if any(self.condition(c).mode == "instance" for c in self.conditions):
@@ -296,18 +314,28 @@ def objective_scores(images: torch.Tensor, masks: torch.Tensor, name: str, model
         return torch.cat([objective(images[i:i + 32], masks[i:i + 32]).detach() for i in range(0, len(images), 32)])
 
 
-def kept_variants(unit_keys: list, variants: list[int], scores: Optional[torch.Tensor], keep: int) -> list[int]:
-    """Positions of the ``keep`` variants kept per unit: the highest ``scores`` (ties: lower
-    variant), or the ``keep`` lowest variant numbers without scores; unit by unit, in the order the
-    units first appear, each unit's best first."""
+def kept_variants(unit_keys: list, variants: list[int], scores: Optional[torch.Tensor], keep: int | dict) -> list[int]:
+    """Positions of the ``keep`` variants kept per unit (one count, or a count per unit key): the
+    highest ``scores`` (ties: lower variant), or the lowest variant numbers without scores; unit
+    by unit, in the order the units first appear, each unit's best first."""
     by_unit: dict = {}
     for position, key in enumerate(unit_keys):
         by_unit.setdefault(key, []).append(position)
     kept = []
     for positions in by_unit.values():
         rank = (lambda p: (-float(scores[p]), variants[p])) if scores is not None else (lambda p: variants[p])
-        kept += sorted(positions, key=rank)[:keep]
+        kept += sorted(positions, key=rank)[:keep[unit_keys[positions[0]]] if isinstance(keep, dict) else keep]
     return kept
+
+
+def unit_hardness(records: list[dict], masks: torch.Tensor, mode: str, class_means: torch.Tensor,
+                  classes: list[str], ignore_index: int) -> torch.Tensor:
+    """Each generated pair's unit's hardness for FreeMask's re-sampling: its real mask's (the pair's
+    mask) pixel-weighted mean class loss in whole mode, its instance's class's mean loss in
+    instance mode (the pixel-weighted mean over a one-class region). Shape: ``[N]`` float64."""
+    if mode == "whole":
+        return mask_hardness(masks, class_means, ignore_index)
+    return class_means.double()[[classes.index(r["instance"]["class"]) for r in records]]
 
 
 def unit_key(record: dict) -> tuple:
@@ -389,7 +417,7 @@ def _run_pipeline(config: PipelineConfig, output: Path) -> str:
     shown = {}  # the first seed's kept sets, for sets.png
     for seed in config.seeds:
         base, segmenters = output / f"seed_{seed}", committees[seed]
-        if config.loss_filter:  # FreeMask: segmenter 0's mean loss per class on the real pixels
+        if config.loss_filter or config.hardness_resampling:  # FreeMask: segmenter 0's mean loss per class on the real pixels
             reader = Segmenter.from_pretrained(segmenters[0])
             real_images, real_masks = stacked(train_set)
             class_means = class_mean_losses(pixel_losses(reader, real_images, real_masks, ignore_index), real_masks,
@@ -411,8 +439,10 @@ def _run_pipeline(config: PipelineConfig, output: Path) -> str:
             scores = {objective: objective_scores(images, masks, objective,
                                                   [Segmenter.from_pretrained(p).eval() for p in paths], ignore_index)
                       for objective, paths in readers.items() if len(paths) >= OBJECTIVES[objective].min_segmenters}
-            kept = kept_variants([unit_key(r) for r in records], [r["index"] // count for r in records],
-                                 None if condition.select == FIRST else scores[condition.select], config.keep_per_unit)
+            keys, variant_numbers = [unit_key(r) for r in records], [r["index"] // count for r in records]
+            ranking = None if condition.select == FIRST else scores[condition.select]
+            generated_images, generated_masks = images, masks
+            kept = kept_variants(keys, variant_numbers, ranking, config.keep_per_unit)
             images, masks = images[kept], masks[kept]
             values = {f"objective_{k}": float(v[kept].mean()) for k, v in scores.items()}
             values["seconds_per_kept"] = log.seconds[stage] / len(kept)  # generation wall time per kept pair
@@ -424,15 +454,26 @@ def _run_pipeline(config: PipelineConfig, output: Path) -> str:
                 sources = [records[p]["source_id"] for p in kept]
                 shown[name] = torch.stack([images[sources.index(i)] if i in sources else torch.ones_like(images[0])
                                            for i in train_set.ids[:SHEET_SAMPLES]])
-            training_sets = {name: masks}
+            training_sets = {name: (images, masks, masks)}  # images, training targets, their masks
             if config.label_filter:
-                training_sets[name + FILTERED] = filtered
+                training_sets[name + FILTERED] = (images, filtered, masks)
             if config.loss_filter:
-                training_sets[name + LOSS_FILTERED] = filter_by_loss(pixel_losses(reader, images, masks, ignore_index), masks,
-                                                                     class_means, ignore_index, config.loss_filter_margin)
-            for set_name, targets in training_sets.items():
-                items = [{"image": i, "target": t} for i, t in zip(images, targets)]
-                labelled = float((targets != ignore_index).sum() / (masks != ignore_index).sum().clamp_min(1))
+                training_sets[name + LOSS_FILTERED] = (images, filter_by_loss(
+                    pixel_losses(reader, images, masks, ignore_index), masks, class_means, ignore_index,
+                    config.loss_filter_margin), masks)
+            if config.hardness_resampling:
+                hardness = unit_hardness(records, generated_masks, condition.mode, class_means, train_set.classes,
+                                         ignore_index)
+                first = {}  # each unit's first pair, units in order of appearance
+                for position, key in enumerate(keys):
+                    first.setdefault(key, position)
+                counts = hardness_keep_counts(hardness[list(first.values())], config.variants_per_unit)
+                resampled = kept_variants(keys, variant_numbers, ranking, dict(zip(first, counts)))
+                training_sets[name + RESAMPLED] = (generated_images[resampled], generated_masks[resampled],
+                                                   generated_masks[resampled])
+            for set_name, (set_images, targets, set_masks) in training_sets.items():
+                items = [{"image": i, "target": t} for i, t in zip(set_images, targets)]
+                labelled = float((targets != ignore_index).sum() / (set_masks != ignore_index).sum().clamp_min(1))
                 for recipe in config.recipes:
                     label = set_name + ("" if recipe == "joint" else f" ({recipe})")
                     folder = base / "retrained" / (set_name.replace(" ", "_") + ("" if recipe == "joint" else f"_{recipe}"))

@@ -1,4 +1,5 @@
-"""FreeMask's pixel filter against an independent computation of the reference's arithmetic."""
+"""FreeMask's pixel filter and hardness-aware re-sampling against independent computations of the
+reference's arithmetic."""
 
 import math
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from guidedgen.loss_filter import class_mean_losses, filter_by_loss, pixel_losses
+from guidedgen.loss_filter import class_mean_losses, filter_by_loss, hardness_keep_counts, mask_hardness, pixel_losses
 
 IGNORE = 255
 
@@ -70,3 +71,49 @@ def test_pixel_losses_are_the_segmenters_cross_entropy(guiding_segmenters, digit
     tolerance = 16 * torch.finfo(torch.float32).eps * max(1.0, float(logits.abs().max()))
     assert torch.allclose(losses.double(), expected, rtol=0, atol=tolerance)
     assert math.isclose(float(losses[0, :2].abs().sum()), 0.0)
+
+
+def reference_resample(masks, class_means, most):
+    """The reference's re-sampling loops: per mask, over its classes (ignored pixels skipped), the
+    pixel count times the class's mean loss, divided by (labelled pixels + 1e-5); masks sorted by
+    that (stable), the i-th of N (1-based) keeps min(1 + round(i / N * most), most)."""
+    losses = []
+    for mask in masks:
+        total, valid = 0.0, 0
+        for label in np.unique(mask):
+            if label == IGNORE:
+                continue
+            pixels = int(np.sum(mask == label))
+            valid += pixels
+            total += pixels * class_means[label]
+        losses.append(total / (valid + 1e-5))
+    counts = [0] * len(masks)
+    for i, (index, _) in enumerate(sorted(enumerate(losses), key=lambda item: item[1])):
+        counts[index] = min(1 + round((i + 1) / len(masks) * most), most)
+    return losses, counts
+
+
+@pytest.mark.parametrize("most", [2, 5, 20])
+def test_resampling_matches_the_references_loops(most):
+    rng = np.random.default_rng(1)
+    num_classes, n = 5, 13
+    masks = rng.integers(0, num_classes, size=(n, 6, 6))
+    masks[:, 0, :rng.integers(0, 6)] = IGNORE
+    masks[4] = IGNORE  # no labelled pixel: hardness 0, the easiest
+    class_means = rng.exponential(size=num_classes)
+    losses, counts = reference_resample(masks, class_means.tolist(), most)
+    ours = mask_hardness(torch.tensor(masks), torch.tensor(class_means), IGNORE)
+    # float64 sums in another order: a few ulps
+    assert ours.tolist() == pytest.approx(losses, rel=1e-12, abs=0)
+    assert ours[4] == 0
+    assert hardness_keep_counts(ours, most) == counts
+    assert min(counts) >= 1 and max(counts) == most  # the hardest mask keeps every variant
+
+
+def test_resampling_keeps_more_of_harder_units_and_breaks_ties_in_order():
+    counts = hardness_keep_counts(torch.tensor([0.3, 0.1, 0.3, 0.9]), 4)
+    # ranks: 0.1 -> 1, the first 0.3 -> 2, the second -> 3, 0.9 -> 4: min(1 + round(i), 4)
+    assert counts == [3, 2, 4, 4]
+    # round halves to even, as Python's round in the reference: 2/4 * 1 = 0.5 -> 0
+    assert hardness_keep_counts(torch.tensor([0.0, 1.0, 2.0, 3.0]), 1) == [1, 1, 1, 1]
+    assert hardness_keep_counts(torch.tensor([0.0, 1.0, 2.0, 3.0]), 2) == [1, 2, 2, 2]  # 0.5 -> 0, 1.0, 1.5 -> 2

@@ -176,6 +176,8 @@ def test_kept_variants_are_the_top_k_of_each_unit_by_score():
     assert kept_variants(units, variants, scores, 2) == [2, 4, 1, 5]
     assert kept_variants(units, variants, None, 2) == [0, 2, 1, 3]  # no ranking: the first variants
     assert kept_variants(units, variants, scores, 3) == [2, 4, 0, 1, 5, 3]
+    assert kept_variants(units, variants, scores, {"a": 1, "b": 3}) == [2, 1, 5, 3]  # a count per unit
+    assert kept_variants(units, variants, None, {"a": 2, "b": 1}) == [0, 2, 1]
 
 
 @pytest.mark.parametrize("recipe", ["joint", "finetune"])
@@ -205,16 +207,22 @@ def test_instance_mode_variants_and_recipes_in_the_pipeline(tmp_path):
     args = ["--config", "configs/augment_digits3.yaml", f"output_dir={tmp_path}", *TINY, "data.num_train_images=3",
             "data.size=32", "data.min_digit_size=14", "data.max_digit_size=20", "judge=null",
             "variants_per_unit=2", "keep_per_unit=1", "instances.size=32", "instances.min_area=10",
-            "conditions=[unguided,unguided_instance,entropy_instance]",
+            "conditions=[unguided,unguided_instance,entropy_instance]", "hardness_resampling=true",
             "variants={unguided_instance: {mode: instance}, entropy_instance: {objective: entropy, mode: instance}}"]
     assert cli_main(args) == 0
     rows = list(csv.DictReader(open(tmp_path / "results.csv")))
-    assert [r["condition"] for r in rows] == ["real only"] + [f"real + {c}{r}" for c in
+    assert [r["condition"] for r in rows] == ["real only"] + [f"real + {c}{s}{r}" for c in
                                                               ("unguided", "unguided_instance", "entropy_instance")
-                                                              for r in ("", " (finetune)")]
+                                                              for s in ("", " resampled") for r in ("", " (finetune)")]
     by_name = {r["condition"]: r for r in rows}
     assert by_name["real + entropy_instance (finetune)"]["reference"] == "real + unguided_instance (finetune)"
+    assert by_name["real + entropy_instance resampled"]["reference"] == "real + unguided_instance resampled"
     assert by_name["real + unguided"]["synthetic_samples"] == "3" and by_name["real + unguided"]["generated_samples"] == "6"
+    # re-sampling keeps min(1 + round(i / N * 2), 2) of the 2 variants of the i-th easiest of N units
+    for name in ("unguided", "unguided_instance"):
+        n = int(by_name[f"real + {name}"]["synthetic_samples"])
+        assert int(by_name[f"real + {name} resampled"]["synthetic_samples"]) == sum(
+            min(1 + round(i / n * 2), 2) for i in range(1, n + 1))
     shared = tmp_path / "shared" / "generated" / "unguided_instance"
     records = [json.loads(line) for line in open(shared / "metadata.jsonl")]
     units = int(by_name["real + unguided_instance"]["synthetic_samples"])
