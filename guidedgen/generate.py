@@ -206,6 +206,7 @@ def build_sampler(config: GenerateConfig, components: Components, palette: Palet
         config.guidance_scale, config.controlnet_conditioning_scale, config.negative_prompt,
         negative_mask_fill=negative_mask_fill(config.negative_mask, list(palette.classes), ignore_index),
         decode_downsample=guidance.decode_downsample, vae_gradient_checkpointing=config.vae_gradient_checkpointing, vae_slicing=config.vae_slicing,
+        progress=config.progress,  # a per-step bar inside each batch's bar (cleared when the batch ends)
     )
 
 

@@ -19,6 +19,7 @@ from al.atomic import is_temporary
 from al.data.base import DatasetError
 from al.data.folder import (
     DATASET_JSON,
+    DROPPED_JSONL,
     METADATA_JSONL,
     SAMPLE_FOLDERS,
     DatasetWriter,
@@ -59,14 +60,14 @@ def read_info(path: Path) -> dict:
 
 
 def remove_generated(root: Path, keep: Sequence[str] = (), extra: Sequence[str] = ()) -> None:
-    """Delete a generated dataset from ``root``: the files its metadata lists, its ``dataset.json``
-    and ``metadata.jsonl``, staging files and the ``extra`` names; nothing is deleted when ``root``
-    was not written by the generator or holds any other file (the error lists them)."""
+    """Delete a generated dataset from ``root``: the files its metadata lists, its ``dataset.json``,
+    ``metadata.jsonl`` and ``dropped.jsonl``, staging files and the ``extra`` names; nothing is deleted
+    when ``root`` was not written by the generator or holds any other file (the error lists them)."""
     info = read_info(root / DATASET_JSON)
     if "generator" not in info:
         raise DatasetError(f"{root} holds a dataset that generate.py did not write ({DATASET_JSON} has no generator "
                            f"record), and overwrite=true replaces only generated ones: use another output_dir")
-    ours = {root / name for name in (DATASET_JSON, METADATA_JSONL, *keep, *extra)}
+    ours = {root / name for name in (DATASET_JSON, METADATA_JSONL, DROPPED_JSONL, *keep, *extra)}
     ours |= {root / record[key] for record in read_metadata(root) for key in ("image", "mask", "ignore") if key in record}
     files = [p for p in root.rglob("*") if p.is_file()]
     foreign = sorted(str(p.relative_to(root)) for p in files if p not in ours and not is_temporary(p))

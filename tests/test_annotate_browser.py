@@ -1,6 +1,8 @@
 """End to end in a real headless browser (Debian's chromium driven by Playwright): label three
-queried pixels by clicks and keys, undo one, reload, and find exactly two answers on disk."""
+queried pixels by clicks and keys, undo one, reload, and find exactly two answers on disk; pick
+classes from 10 on by typing two digits quickly, and keep one key per class in a set of ten."""
 
+import contextlib
 import os
 import shutil
 import socket
@@ -11,8 +13,12 @@ from pathlib import Path
 import pytest
 import uvicorn
 
+from conftest import human_config
+
 from al.annotate.app import create_app
 from al.annotate.session import AnnotationSession
+from al.experiment import run_dir, run_experiment
+from al.oracles import AwaitingAnnotations
 
 pytestmark = pytest.mark.slow  # starts a server and a browser: seconds
 
@@ -42,9 +48,9 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture
-def server(waiting_run):
-    app = create_app(AnnotationSession(waiting_run), "browser-token")
+@contextlib.contextmanager
+def _serving(run):
+    app = create_app(AnnotationSession(run), "browser-token")
     port = _free_port()
     uvicorn_server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=uvicorn_server.run, daemon=True)
@@ -53,9 +59,36 @@ def server(waiting_run):
     while not uvicorn_server.started:
         assert time.monotonic() < deadline, "the annotation server did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}/?token=browser-token"
-    uvicorn_server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}/?token=browser-token"
+    finally:
+        uvicorn_server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture
+def server(waiting_run):
+    with _serving(waiting_run) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def _page(url):
+    """A page of the annotation app, loaded (skips when the browser is unavailable)."""
+    sync_playwright = _browser_or_skip()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 720})
+            page.goto(url)
+            page.wait_for_selector("body[data-ready=true]")
+            yield page
+        finally:
+            browser.close()
+
+
+def _selected(page) -> int:
+    return int(page.locator("#palette button.selected").get_attribute("data-class-id"))
 
 
 def test_label_three_undo_one_reload(server, waiting_run, tmp_path):
@@ -96,3 +129,56 @@ def test_label_three_undo_one_reload(server, waiting_run, tmp_path):
     answers = {(i, p): c for i in session.shapes for p, c in session.labels.pixels(i).items()}
     assert len(answers) == 2 and sorted(answers.values()) == [2, 5]
     assert any(pixel == first_pixel and cls == 2 for (_, pixel), cls in answers.items())
+
+
+def test_classes_from_ten_on_are_picked_by_typing_their_digits_quickly(server, waiting_run):
+    """DigitScenes with all ten digits has 11 classes: "1" then "0" within 0.6 s is class 10."""
+    with _page(server) as page:
+        assert page.locator("#palette button").count() == 11
+        assert page.locator("#palette button[data-class-id='10'] kbd").inner_text() == "10"
+        assert page.locator("#help-digits").is_visible()
+        page.keyboard.press("1")
+        assert _selected(page) == 1  # a digit picks its class at once
+        page.keyboard.press("0")
+        assert _selected(page) == 10
+        page.keyboard.press("7")  # no class 107: a new id
+        assert _selected(page) == 7
+        page.keyboard.press("1")
+        page.wait_for_timeout(700)  # too slow for one id
+        page.keyboard.press("0")
+        assert _selected(page) == 0
+        page.keyboard.press("1")
+        page.keyboard.press("0")
+        page.keyboard.press("Enter")  # answers class 10
+        page.wait_for_function("document.querySelector('#counts').textContent.startsWith('1 /')")
+        page.keyboard.press("1")
+        page.keyboard.press("Enter")  # answers class 1; the next digit starts a new id
+        page.keyboard.press("0")
+        assert _selected(page) == 0
+        page.wait_for_function("document.querySelector('#counts').textContent.startsWith('2 /')")
+    session = AnnotationSession(waiting_run)
+    answers = [c for i in session.shapes for c in session.labels.pixels(i).values()]
+    assert sorted(answers) == [1, 10]
+
+
+@pytest.fixture
+def ten_class_run(tmp_path):
+    """A human-mode run waiting for answers, on DigitScenes with nine digits: ten classes."""
+    config = human_config(tmp_path, **{"data.digits": "[0,1,2,3,4,5,6,7,8]"})
+    with pytest.raises(AwaitingAnnotations):
+        run_experiment(config)
+    return run_dir(tmp_path, "entropy", 0)
+
+
+def test_ten_classes_keep_one_key_per_class(ten_class_run):
+    with _serving(ten_class_run) as url, _page(url) as page:
+        assert page.locator("#palette button").count() == 10
+        assert not page.locator("#help-digits").is_visible()
+        page.keyboard.press("1")
+        page.keyboard.press("2")  # quickly, but there is no class 12
+        assert _selected(page) == 2
+        page.keyboard.press("1")
+        page.keyboard.press("0")
+        assert _selected(page) == 0
+        page.keyboard.press("9")
+        assert _selected(page) == 9

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from PIL import Image
 from al.config import ConfigError
 from al.data import load_folder
 from al.data.folder import read_metadata
-from guidedgen.writer import sample_seed, shard
+from guidedgen.writer import GenerationWriter, sample_seed, shard
 from scripts.generate import main as generate_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,6 +48,89 @@ def test_seeds_and_shards_do_not_depend_on_processes():
     for processes in (1, 2, 3, 7):
         parts = [shard(range(10), p, processes) for p in range(processes)]
         assert sorted(i for part in parts for i in part) == list(range(10))  # disjoint, complete, unpadded
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("progress", [True, False])
+def test_a_job_shows_a_bar_over_its_batches_and_a_step_bar_inside_each_batch(tmp_path, capsys, progress):
+    """``progress`` turns on (or off) both the job's bar over its batches and the sampler's
+    per-step bar, which each batch opens anew (and clears when it ends)."""
+    args = ["--config", str(ROOT / "configs/demo.yaml"), f"output_dir={tmp_path}", "tiny_components=true",
+            "num_samples=2", "batch_size=1", "num_inference_steps=3", "masks.size=32", "masks.num_train_images=2",
+            "masks_split=train", "guidance.strength=0", "guidance.segmenters=[]", "contact_sheet_samples=0",
+            f"progress={str(progress).lower()}"]
+    assert generate_main(args) == 0
+    err = capsys.readouterr().err
+    if progress:
+        assert re.search(r"generate \(process 0\): 100%.*2/2", err)  # the job's bar, one step per batch
+        assert len(re.findall(r"denoise:\s+0%.*0/3", err)) == 2  # one step bar per batch
+    else:
+        assert "generate (process" not in err and "denoise" not in err
+
+
+def write_a_set(root):
+    """Samples 0 and 2 written (2 with an ignore map), 1 dropped."""
+    writer = GenerationWriter(root, ["bg", "a"], [[0, 0, 0], [255, 0, 0]], {"k": 1})
+    rng = np.random.default_rng(0)
+    for i in (0, 2):
+        writer.write(i, rng.integers(0, 256, (8, 6, 3), dtype=np.uint8), np.eye(8, 6, dtype=np.uint8),
+                     np.eye(8, 6, dtype=bool) if i == 2 else None, {"seed": 10 + i, "prompt": f"p{i}"})
+    writer.drop(1, "degenerate", {"seed": 11})
+    return writer
+
+
+def test_each_metadata_line_names_its_image_as_file_name_and_dropped_samples_have_their_own_file(tmp_path):
+    """metadata.jsonl is Hugging Face imagefolder's: every line has a file_name, relative to the
+    file's folder, of an image there; the dropped sample, which has none, is in dropped.jsonl."""
+    write_a_set(tmp_path)
+    lines = [json.loads(line) for line in (tmp_path / "metadata.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in lines] == ["000000", "000002"]
+    for record in lines:
+        assert record["file_name"] == record["image"] == f"images/{record['id']}.png"
+        assert Image.open(tmp_path / record["file_name"]).size == (6, 8)
+    dropped = [json.loads(line) for line in (tmp_path / "dropped.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["dropped"]) for r in dropped] == [("000001", "degenerate")]
+    again = GenerationWriter(tmp_path, ["bg", "a"], [[0, 0, 0], [255, 0, 0]], {"k": 1})
+    assert again.pending(range(4)) == [3]  # the dropped one counts as done
+    assert load_folder(tmp_path).ids == ["000000", "000002"]
+    assert [r["id"] for r in read_metadata(tmp_path)] == ["000000", "000002", "000001"]
+    GenerationWriter(tmp_path, ["bg", "a"], [[0, 0, 0], [255, 0, 0]], {"k": 2}, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset.json", "images", "masks"]  # dropped.jsonl too
+
+
+def test_a_folder_written_before_file_name_and_dropped_jsonl_still_reads_and_resumes(tmp_path):
+    write_a_set(tmp_path)
+    metadata, dropped = tmp_path / "metadata.jsonl", tmp_path / "dropped.jsonl"
+    old = [{k: v for k, v in json.loads(line).items() if k != "file_name"} for line in metadata.read_text().splitlines()]
+    old.insert(1, json.loads(dropped.read_text()))  # the old layout: the dropped line among the others
+    metadata.write_text("".join(json.dumps(r) + "\n" for r in old))
+    dropped.unlink()
+    writer = GenerationWriter(tmp_path, ["bg", "a"], [[0, 0, 0], [255, 0, 0]], {"k": 1})
+    assert writer.pending(range(4)) == [3]
+    writer.write(3, np.zeros((8, 6, 3), np.uint8) + 50, np.zeros((8, 6), np.uint8), None, {"seed": 13})
+    assert load_folder(tmp_path).ids == ["000000", "000002", "000003"]
+    assert [r.get("file_name") for r in read_metadata(tmp_path)] == [None, None, None, "images/000003.png"]
+    assert not dropped.exists()
+    GenerationWriter(tmp_path, ["bg", "a"], [[0, 0, 0], [255, 0, 0]], {"k": 2}, overwrite=True)  # still ours
+    assert not metadata.exists() and not (tmp_path / "images" / "000003.png").exists()
+
+
+@pytest.mark.slow
+def test_hugging_face_imagefolder_reads_a_generated_set_with_its_metadata(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    job = tmp_path / "job"
+    args = ["--config", str(ROOT / "configs/demo.yaml"), f"output_dir={job}", "tiny_components=true", "num_samples=2",
+            "batch_size=2", "num_inference_steps=2", "masks.size=32", "masks.num_train_images=2", "masks_split=train",
+            "guidance.strength=0", "guidance.segmenters=[]", "contact_sheet_samples=0", "progress=false"]
+    assert generate_main(args) == 0
+    write_a_set(tmp_path / "dropped")  # with a dropped sample and an ignore map
+    for root in (job, tmp_path / "dropped"):
+        loaded = datasets.load_dataset("imagefolder", data_dir=str(root), split="train", cache_dir=str(tmp_path / "cache"))
+        records = [r for r in read_metadata(root) if not r.get("dropped")]
+        assert list(loaded["id"]) == [r["id"] for r in records]
+        for row, record in zip(loaded, records):
+            np.testing.assert_array_equal(np.asarray(row["image"]), np.asarray(Image.open(root / record["image"])))
+            assert row["seed"] == record["seed"] and row["prompt"] == record["prompt"] and row["mask"] == record["mask"]
 
 
 @pytest.mark.slow

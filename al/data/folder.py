@@ -5,7 +5,9 @@ atomic, resumable writer.
 <root>/images/<id>.png      RGB
 <root>/masks/<id>.png       uint8 class ids (ignore value in dataset.json)
 <root>/ignore/<id>.png      optional: non-zero = pixel the quality check distrusts
-<root>/metadata.jsonl       one JSON object per finished sample (a sample counts only then)
+<root>/metadata.jsonl       one JSON object per finished sample (a sample counts only then); its
+                            file_name (= image) lets datasets' imagefolder load the folder
+<root>/dropped.jsonl        one JSON object per sample finished without files (e.g. degenerate)
 <root>/dataset.json         classes, palette, ignore_index, generator config, versions
 ```
 """
@@ -25,6 +27,9 @@ from al.data.base import DatasetError, FileDataset, check_pair, read_index_mask
 
 DATASET_JSON = "dataset.json"
 METADATA_JSONL = "metadata.jsonl"
+# Dropped samples have their own file: datasets' imagefolder reads every metadata.jsonl line as a
+# row, and a line without an image would stop it. (Older folders hold them in metadata.jsonl.)
+DROPPED_JSONL = "dropped.jsonl"
 SAMPLE_FOLDERS = ("images", "masks", "ignore")
 
 
@@ -45,22 +50,29 @@ def atomic_save_png(array: np.ndarray, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def read_metadata(root: Path) -> list[dict]:
-    """Finished samples in write order; a torn last line (crash mid-append) is skipped."""
-    path = Path(root) / METADATA_JSONL
+def _read_jsonl(path: Path) -> list[dict]:
+    """The lines of ``path`` (none if it is missing); a torn last line (crash mid-append) is skipped."""
     if not path.exists():
         return []
-    records, seen = [], set()
+    records = []
     lines = path.read_bytes().splitlines(keepends=True)
     for number, line in enumerate(lines, start=1):
         try:
             if not line.endswith(b"\n"):
                 raise ValueError("no newline")
-            record = json.loads(line)
+            records.append(json.loads(line))
         except ValueError:
             if number == len(lines):
                 break
             raise DatasetError(f"{path}: line {number} is not valid JSON; fix or delete that line") from None
+    return records
+
+
+def read_metadata(root: Path) -> list[dict]:
+    """Finished samples: the written ones in write order, then the dropped ones (``dropped: <reason>``;
+    a folder written before ``dropped.jsonl`` has them among the written ones)."""
+    records, seen = [], set()
+    for record in _read_jsonl(Path(root) / METADATA_JSONL) + _read_jsonl(Path(root) / DROPPED_JSONL):
         if record["id"] not in seen:
             seen.add(record["id"])
             records.append(record)
@@ -139,9 +151,9 @@ class DatasetWriter:
     def done_ids(self) -> set[str]:
         return set(self._done)
 
-    def _append_metadata(self, record: dict) -> None:
+    def _append_metadata(self, record: dict, name: str = METADATA_JSONL) -> None:
         # One O_APPEND write of a whole line: concurrent writers never interleave within a line.
-        fd = os.open(self.root / METADATA_JSONL, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.root / name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, (json.dumps(record) + "\n").encode())
             os.fsync(fd)
@@ -153,7 +165,7 @@ class DatasetWriter:
         """Mark a sample as finished without files (e.g. a degenerate image): a resumed run
         does not retry it and readers skip it."""
         if sample_id not in self._done:
-            self._append_metadata({"id": sample_id, "dropped": reason, **(metadata or {})})
+            self._append_metadata({"id": sample_id, "dropped": reason, **(metadata or {})}, DROPPED_JSONL)
 
     def write(self, sample_id: str, image: np.ndarray, mask: np.ndarray, ignore: Optional[np.ndarray] = None, metadata: Optional[dict] = None) -> None:
         """``image`` uint8 [H, W, 3], ``mask`` [H, W] class ids, ``ignore`` bool [H, W] or None."""
@@ -169,4 +181,7 @@ class DatasetWriter:
             (self.root / "ignore").mkdir(exist_ok=True)
             record["ignore"] = f"ignore/{sample_id}.png"
             atomic_save_png(ignore.astype(np.uint8) * 255, self.root / record["ignore"])
+        # Hugging Face imagefolder's link from a metadata line to its image (relative to this file's
+        # folder); after "image", which it then replaces with the decoded image
+        record["file_name"] = record["image"]
         self._append_metadata(record)
