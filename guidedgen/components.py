@@ -8,6 +8,7 @@ The folder layout is the diffusers one (``unet/``, ``vae/``, ``text_encoder/``, 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -38,6 +39,21 @@ SCHEDULERS: Registry[type] = Registry("scheduler", {
 })
 
 TORCH_DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def weights_dtype(mixed_precision: str, device: Optional[torch.device] = None) -> torch.dtype:
+    """The dtype the weights are loaded in: ``mixed_precision``'s, except fp16 off CUDA, which falls
+    back to float32 with a warning (CPU half-precision kernels are missing or far slower than
+    float32 ones, and the guidance gradient underflows more easily). bf16 runs on CPU as asked."""
+    if mixed_precision not in TORCH_DTYPES:
+        raise ValueError(f"mixed_precision={mixed_precision!r}; choose one of {sorted(TORCH_DTYPES)}")
+    dtype = TORCH_DTYPES[mixed_precision]
+    if dtype == torch.float16 and device is not None and torch.device(device).type != "cuda":
+        warnings.warn(f"mixed_precision=fp16 on {torch.device(device).type}: loading the models in float32 instead "
+                      f"(fp16 is for CUDA; set components.mixed_precision=no to silence this, or bf16 to halve memory "
+                      f"on CPU)", stacklevel=2)
+        return torch.float32
+    return dtype
 
 
 @dataclass
@@ -86,11 +102,10 @@ class Components:
         return [directory / name for name in names]
 
 
-def load_components(config: ComponentsConfig) -> Components:
-    """Load real checkpoints (a local folder or a hub id) with ``from_pretrained``."""
-    if config.mixed_precision not in TORCH_DTYPES:
-        raise ValueError(f"mixed_precision={config.mixed_precision!r}; choose one of {sorted(TORCH_DTYPES)}")
-    dtype = TORCH_DTYPES[config.mixed_precision]
+def load_components(config: ComponentsConfig, dtype: Optional[torch.dtype] = None) -> Components:
+    """Load real checkpoints (a local folder or a hub id) with ``from_pretrained``, in ``dtype``
+    (default: the config's mixed_precision; :func:`weights_dtype` gives a device's)."""
+    dtype = dtype or weights_dtype(config.mixed_precision)
     common = dict(revision=config.revision, local_files_only=config.local_files_only)
     weights = dict(common, variant=config.variant, torch_dtype=dtype)
     path = config.pretrained_model_name_or_path
@@ -119,13 +134,18 @@ def load_components(config: ComponentsConfig) -> Components:
 
 
 def enable_xformers(components: Components) -> bool:
-    """Use xformers attention when it is importable and on CUDA; otherwise keep PyTorch SDPA.
+    """Use xformers attention when it is importable and on CUDA; otherwise keep PyTorch's
+    scaled-dot-product attention (diffusers' default, memory-efficient on CUDA too) and say why.
     Returns whether xformers is in use."""
     try:
         import xformers  # noqa: F401
-    except ImportError:
-        return False
-    if not torch.cuda.is_available():
+    except Exception as error:  # not installed, or installed without its compiled kernels
+        reason = f"xformers cannot be imported ({type(error).__name__}: {error}); install the 'xformers' extra on a CUDA machine"
+    else:
+        reason = None if torch.cuda.is_available() else "xformers' kernels need CUDA and none is available"
+    if reason is not None:
+        warnings.warn(f"enable_xformers_memory_efficient_attention=true, but {reason}: using PyTorch's "
+                      f"scaled-dot-product attention instead (same results)", stacklevel=2)
         return False
     for module in (components.unet, *components.controlnets, components.vae):
         module.enable_xformers_memory_efficient_attention()

@@ -33,6 +33,7 @@ from guidedgen.components import (
     ComponentsConfig,
     load_components,
     tiny_components,
+    weights_dtype,
 )
 from guidedgen.controls import CONTROL_DETECTORS
 from guidedgen.guidance import OBJECTIVES, LastLayerGuide, build_objective
@@ -184,11 +185,11 @@ class GenerateConfig:
 
 
 def build_components(config: GenerateConfig, device: torch.device) -> Components:
+    dtype = weights_dtype(config.components.mixed_precision, device)
     if config.tiny_components:
         components = tiny_components(config.tiny_seed, 1 + len(config.extra_controls), config.components.scheduler)
     else:
-        components = load_components(config.components)
-    dtype = TORCH_DTYPES[config.components.mixed_precision]
+        components = load_components(config.components, dtype)
     return components.to(device, None if dtype == torch.float32 else dtype)
 
 

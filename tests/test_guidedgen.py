@@ -11,7 +11,7 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler
 
 from al.config import ConfigError
 from al.data import DIGIT_CLASSES
-from guidedgen.components import ComponentsConfig, load_components, tiny_components
+from guidedgen.components import ComponentsConfig, enable_xformers, load_components, tiny_components, weights_dtype
 from guidedgen.guidance import OBJECTIVES, LogitsGuide, build_objective, last_layer_gradient_norm
 from guidedgen.palette import (
     ADE20K_PALETTE,
@@ -48,6 +48,39 @@ def test_tiny_components_load_back_through_the_real_path(tmp_path, components, d
                                               controlnet_model_name_or_path=[str(f) for f in folders],
                                               local_files_only=True))
     assert torch.equal(sample(loaded, masks[:2]).images, sample(components, masks[:2]).images)
+
+
+def test_fp16_off_cuda_loads_float32_and_says_so(tmp_path, components):
+    with pytest.warns(UserWarning, match="fp16 on cpu: loading the models in float32"):
+        assert weights_dtype("fp16", torch.device("cpu")) == torch.float32
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the asked dtype, silently, where it runs
+        assert weights_dtype("fp16", torch.device("cuda")) == torch.float16
+        assert weights_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+        assert weights_dtype("fp16") == torch.float16  # no device: the config's dtype
+    components.save_pretrained(tmp_path)
+    config = ComponentsConfig(pretrained_model_name_or_path=str(tmp_path), controlnet_model_name_or_path=[str(tmp_path / "controlnet")],
+                              local_files_only=True, mixed_precision="fp16")
+    with pytest.warns(UserWarning, match="float32"):
+        loaded = load_components(config, weights_dtype(config.mixed_precision, torch.device("cpu")))
+    assert {p.dtype for p in loaded.unet.parameters()} == {torch.float32}
+
+
+@pytest.mark.parametrize("xformers_module", [None, "kernels without CUDA"])
+def test_xformers_unavailable_keeps_pytorch_attention_and_says_why(monkeypatch, xformers_module):
+    import sys
+    import types
+
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    # None in sys.modules makes the import fail; a bare module stands for an install on a CPU machine
+    monkeypatch.setitem(sys.modules, "xformers", None if xformers_module is None else types.ModuleType("xformers"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    components = tiny_components(seed=0)
+    reason = "cannot be imported" if xformers_module is None else "need CUDA"
+    with pytest.warns(UserWarning, match=f"{reason}.*scaled-dot-product attention"):
+        assert enable_xformers(components) is False
+    assert {type(p) for p in components.unet.attn_processors.values()} == {AttnProcessor2_0}
 
 
 def test_missing_checkpoint_is_explained(tmp_path):
