@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from al.deal import difficulty_entropy, difficulty_sum, pixel_difficulty
 from al.mc import mc_moments
 from al.models import Segmenter
+from al.moments import MCMoments
 from al.registry import Registry
 from al.scores import SCORES, MCSamples, ScoreFn, entropy
 
@@ -29,6 +30,16 @@ class Predictions:
     # [K, N, C, H, W] MC-dropout samples or ensemble members: a segmenter streams them as moments
     probs: MCSamples
     difficulty: Optional[Tensor] = None  # [N, H, W]: DEAL's difficulty map, when the model has the branch
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> "Predictions":
+        """These predictions with ``fn`` applied to every ``[N, C, H, W]`` map (e.g.
+        ``al.inference.View.maps``: back on the original pixels); ``fn`` must be linear with
+        non-negative weights summing to 1, so the statistics stay valid (``MCMoments.map``)."""
+        if isinstance(self.probs, MCMoments):
+            probs = self.probs.map(fn)
+        else:
+            probs = fn(self.probs.flatten(0, 1)).unflatten(0, self.probs.shape[:2])
+        return Predictions(probs, None if self.difficulty is None else fn(self.difficulty[:, None])[:, 0])
 
 
 AcquisitionFn = Callable[[Predictions, Optional[torch.Generator]], Tensor]

@@ -57,9 +57,13 @@ class DiffusionFeatureExtractor:
     """
 
     def __init__(self, unet: nn.Module, scheduler, config: Optional[FeatureConfig] = None,
-                 encode: Optional[Encode] = None, encoder_hidden_states: Optional[Tensor] = None):
+                 encode: Optional[Encode] = None, encoder_hidden_states: Optional[Tensor] = None,
+                 encode_factor: int = 1):
+        """``encode_factor``: how much ``encode`` shrinks the images (a VAE's 8; 1 for pixels)."""
         config = config if config is not None else FeatureConfig()
         self.unet, self.scheduler, self.config = unet.eval(), scheduler, config
+        # image sides that the encoder and every UNet level divide without remainder
+        self.input_multiple = encode_factor * 2 ** (len(unet.config.block_out_channels) - 1)
         self.encode = encode or (lambda images: images * 2.0 - 1.0)
         self.encoder_hidden_states = encoder_hidden_states
         modules = dict(unet.named_modules())
@@ -131,7 +135,7 @@ def load_feature_extractor(pretrained_model_name_or_path: str, config: Optional[
         unet_class = json.loads(Path(path, "unet", "config.json").read_text())["_class_name"] if Path(path).is_dir() else None
         if unet_class == "UNet2DModel":
             unet = UNet2DModel.from_pretrained(path, subfolder="unet", **common)
-            encode, states = None, None
+            encode, states, factor = None, None, 1
         else:
             from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -147,12 +151,14 @@ def load_feature_extractor(pretrained_model_name_or_path: str, config: Optional[
             def encode(images: Tensor) -> Tensor:
                 return vae.encode(images * 2.0 - 1.0).latent_dist.mean * vae.config.scaling_factor
 
+            factor = 2 ** (len(vae.config.block_out_channels) - 1)
+
         scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **common)
     except (OSError, ValueError, KeyError) as error:
         raise OSError(f"cannot load a diffusion UNet for features from {path!r}: {error}. Pass a folder in the "
                       f"diffusers layout (unet/, scheduler/, and vae/, text_encoder/, tokenizer/ for latent models)") from error
     unet = unet.to(device).eval().requires_grad_(False)
-    return DiffusionFeatureExtractor(unet, scheduler, config, encode, states)
+    return DiffusionFeatureExtractor(unet, scheduler, config, encode, states, factor)
 
 
 def sample_pixels(
@@ -359,6 +365,11 @@ class DiffusionFeatureSegmenter(nn.Module):
     @property
     def num_members(self) -> int:
         return self.config.num_members
+
+    @property
+    def input_multiple(self) -> int:
+        """Input sides must be multiples of this (``al.inference`` pads to it)."""
+        return self.extractor.input_multiple
 
     def fit(self, batches: Iterable[tuple[Tensor, Tensor]], ignore_index: int = 255,
             generator: Optional[torch.Generator] = None) -> list[int]:

@@ -27,6 +27,7 @@ from al.atomic import atomic_write_bytes
 from al.config import require
 from al.data.config import DATA_CONFIG_NAME, DATA_KINDS, DataConfig
 from al.data.base import SegmentationDataset
+from al.inference import View, input_multiple, size_groups
 from al.labels import SparseLabels
 from al.loop import ActiveLearningLoop
 from al.loop_config import LoopConfig
@@ -162,27 +163,39 @@ def supervised_reference(config: ExperimentConfig, train_set, val_set, seed: int
     model = config.loop.model.build(train_set.num_classes).to(device)
     # as many epochs as the last cycle's model has behind it (warm starts add up)
     train_config = TrainConfig(**{**asdict(config.loop.train), "epochs": config.loop.total_epochs(), "seed": seed})
-    train_segmenter(model, DenseTargetDataset(train_set), train_config, train_set.ignore_index, progress=config.progress)
-    miou = evaluate(model, val_set).miou
+    transforms = config.data.transforms
+    train_segmenter(model, DenseTargetDataset(train_set), train_config, train_set.ignore_index,
+                    progress=config.progress, transforms=transforms)
+    miou = evaluate(model, val_set, transforms=transforms).miou
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, json.dumps({"fingerprint": fingerprint, "miou": miou}).encode())
     return miou
 
 
 def uncertainty_maps(config: ExperimentConfig, val_set: SegmentationDataset, model_dir: Path, path: Path, device: torch.device) -> None:
-    """Image | GT | prediction | BalEnt | BALD | entropy | P_marg for a few validation images."""
+    """Image | GT | prediction | BalEnt | BALD | entropy | P_marg for a few validation images
+    (the images of each size predicted together, every map on the pixels as read)."""
     model = load_model(model_dir, device)
     samples = [val_set[i] for i in range(min(config.uncertainty_map_images, len(val_set)))]
-    images = torch.stack([s.image for s in samples]).to(device)
     generator = torch.Generator(device=device).manual_seed(0)
-    probs = pool_predictions(model, images, config.loop.mc_samples, generator, config.loop.mc_at_decoder_resolution).probs
-    maps = {"BalEnt": balanced_entropy(probs), "BALD": bald(probs), "entropy": entropy(probs),
-            "P_marg": marginal_confidence(probs)}
+    scores = {"BalEnt": balanced_entropy, "BALD": bald, "entropy": entropy, "P_marg": marginal_confidence}
+    maps, predictions = {name: [None] * len(samples) for name in scores}, [None] * len(samples)
+    for group in size_groups([s.mask.shape for s in samples]):
+        images = torch.stack([samples[i].image for i in group]).to(device)
+        view = View.of(images.shape[-2:], config.data.transforms, input_multiple(model))
+        found = pool_predictions(model, view.images(images), config.loop.mc_samples, generator,
+                                 config.loop.mc_at_decoder_resolution)
+        probs = (found if view.is_identity else found.map(view.maps)).probs
+        for name, score in scores.items():
+            for i, value in zip(group, score(probs).float().cpu().numpy()):
+                maps[name][i] = value
+        for i, value in zip(group, mean_prediction(probs).argmax(1).cpu().numpy()):
+            predictions[i] = value
     plot_uncertainty_maps(
-        images=(images.permute(0, 2, 3, 1).cpu().numpy() * 255).astype(np.uint8),
-        masks=torch.stack([s.mask for s in samples]).numpy(),
-        predictions=mean_prediction(probs).argmax(1).cpu().numpy(),
-        maps={name: value.float().cpu().numpy() for name, value in maps.items()},
+        images=[(s.image.permute(1, 2, 0).numpy() * 255).astype(np.uint8) for s in samples],
+        masks=[s.mask.numpy() for s in samples],
+        predictions=predictions,
+        maps=maps,
         path=path,
         num_classes=val_set.num_classes,
         ignore_index=val_set.ignore_index,
@@ -218,7 +231,7 @@ def _run_task(config: ExperimentConfig, task: tuple[str, int], train_set: Option
     oracle = HumanOracle(train_set.image_shapes()) if config.annotator == "human" else GroundTruthOracle(train_set)
     loop = ActiveLearningLoop(config.loop, name, seed, train_set, val_set, state_dir, oracle,
                               device=device, progress=config.progress and config.workers == 1,
-                              shared_dir=Path(config.output_dir) / "shared")
+                              shared_dir=Path(config.output_dir) / "shared", transforms=config.data.transforms)
     loop.run()
     return None
 

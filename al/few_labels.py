@@ -25,13 +25,15 @@ from al.atomic import atomic_write_bytes
 from al.config import require
 from al.data.config import DataConfig
 from al.diffusion_features import DiffusionFeaturesConfig, DiffusionFeatureSegmenter
+from al.inference import input_multiple
 from al.models import ModelConfig
 from al.plots import save_figure
 from al.resume import check_resume, identity
 from al.train import (
     DenseTargetDataset,
     TrainConfig,
-    collate_samples,
+    TrainingCollate,
+    crop_generator,
     evaluate,
     train_segmenter,
 )
@@ -74,19 +76,22 @@ def train_cell(config: FewLabelsConfig, model_name: str, count: int, seed: int, 
     """Train one model on the first ``count`` scenes of the seed's training set; val mIoU."""
     data = replace(config.data, seed=seed)
     train_set, val_set = data.build(data.train_split), data.build(data.val_split)
-    labelled = Subset(train_set, list(range(count)))
+    labelled = DenseTargetDataset(Subset(train_set, list(range(count))))
     torch.manual_seed(seed)
     if model_name == DIFFUSION_FEATURES:
         model = DiffusionFeatureSegmenter(config.diffusion_features, train_set.num_classes, seed=seed, device=device)
-        loader = DataLoader(labelled, batch_size=config.diffusion_features.extraction_batch_size, collate_fn=collate_samples)
-        model.fit(((b["image"], b["mask"]) for b in loader), train_set.ignore_index, torch.Generator().manual_seed(seed))
+        collate = TrainingCollate(data.transforms, [False], train_set.ignore_index, input_multiple(model),
+                                  crop_generator(seed))
+        loader = DataLoader(labelled, batch_size=config.diffusion_features.extraction_batch_size, collate_fn=collate)
+        model.fit(((b["image"], b["target"]) for b in loader), train_set.ignore_index,
+                  torch.Generator().manual_seed(seed))
     else:
         model = config.segmenters[model_name].build(train_set.num_classes).to(device)
         epochs = math.ceil(config.train_steps * config.train.batch_size / count)
         train_config = replace(config.train, epochs=epochs, seed=seed)
-        train_segmenter(model, DenseTargetDataset(Subset(train_set, list(range(count)))), train_config,
-                        train_set.ignore_index, progress=False)
-    return evaluate(model, val_set).miou
+        train_segmenter(model, labelled, train_config, train_set.ignore_index, progress=False,
+                        transforms=data.transforms)
+    return evaluate(model, val_set, transforms=data.transforms).miou
 
 
 def cell_identity(config: dict, model_name: str) -> dict:

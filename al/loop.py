@@ -23,8 +23,10 @@ from al.acquisition import get_acquisition, pool_predictions
 from al.atomic import atomic_write_bytes
 from al.config import require
 from al.data.base import SegmentationDataset
+from al.data.transforms import TransformConfig
 from al.diffusion_features import DiffusionFeatureSegmenter
 from al.folder_lock import FolderLock
+from al.inference import View, input_multiple, size_groups
 from al.labels import SparseLabels
 from al.loop_config import LoopConfig
 from al.models import load_model
@@ -34,8 +36,10 @@ from al.select import SELECTION_RULES, NotEnoughPixelsError, top_n
 from al.train import (
     SparseTargetDataset,
     TrainConfig,
+    TrainingCollate,
     TrainingSource,
     collate_samples,
+    crop_generator,
     evaluate,
     train_segmenter,
 )
@@ -74,12 +78,16 @@ class ActiveLearningLoop:
         device: Union[str, torch.device] = "cpu",
         progress: bool = True,
         shared_dir: Optional[Union[str, os.PathLike]] = None,
+        transforms: Optional[TransformConfig] = None,
     ):
         """``shared_dir``: where runs of one experiment share their cycle-0 model. Every
         acquisition of a seed starts from the same labels and weights, so that model is the
-        same for all of them (but DEAL's, which trains a difficulty branch too)."""
+        same for all of them (but DEAL's, which trains a difficulty branch too).
+        ``transforms`` (the data config's): how training, scoring and evaluation show images of
+        any size to the model; labels, scores and queries stay on the pixels as read."""
         config.validate()
         self.config, self.acquisition, self.seed = config, acquisition, seed
+        self.transforms = transforms or TransformConfig()
         self.shared_dir = Path(shared_dir) if shared_dir is not None else None
         self.train_set, self.val_set = train_set, val_set
         self.spec, self.rule = get_acquisition(acquisition), SELECTION_RULES.lookup(config.selection)
@@ -166,7 +174,10 @@ class ActiveLearningLoop:
         if self.config.learner == "diffusion_features":
             model = DiffusionFeatureSegmenter(self.config.diffusion_features, self.train_set.num_classes,
                                               seed=self.seed * 1000 + cycle, device=self.device)
-            loader = DataLoader(real, batch_size=self.config.diffusion_features.extraction_batch_size)
+            collate = TrainingCollate(self.transforms, [True], self.train_set.ignore_index, input_multiple(model),
+                                      crop_generator(self.seed * 1000 + cycle))
+            loader = DataLoader(real, batch_size=self.config.diffusion_features.extraction_batch_size,
+                                collate_fn=collate)
             model.fit(((b["image"], b["target"]) for b in tqdm(loader, desc="features", disable=not self.progress,
                                                                leave=False)),
                       self.train_set.ignore_index, torch.Generator().manual_seed(self.seed * 1000 + cycle))
@@ -178,10 +189,11 @@ class ActiveLearningLoop:
             model = self.config.model.build(self.train_set.num_classes, difficulty_size).to(self.device)
         train_config = TrainConfig(**{**asdict(self.config.train), "epochs": self.config.epochs_of(cycle),
                                       "seed": self.seed * 1000 + cycle})
-        sources = [TrainingSource(real, 1.0 - self.config.synthetic.share if self.synthetic else 1.0)]
+        sources = [TrainingSource(real, 1.0 - self.config.synthetic.share if self.synthetic else 1.0, sparse=True)]
         if self.synthetic is not None:
             sources.append(self.synthetic)
-        train_segmenter(model, sources, train_config, self.train_set.ignore_index, progress=self.progress)
+        train_segmenter(model, sources, train_config, self.train_set.ignore_index, progress=self.progress,
+                        transforms=self.transforms)
         return model
 
     def _cycle0_model(self) -> nn.Module:
@@ -218,9 +230,11 @@ class ActiveLearningLoop:
         return _derived_generator(torch.device("cpu"), self.seed, self.acquisition, cycle, "select", image_id)
 
     def _score(self, model: nn.Module, image_ids: list[str], cycle: int, skip: Optional[str] = None):
-        """Yield ``(ids, scores)`` batch by batch over ``image_ids`` in fixed batches (a batch whose
-        images are all queried under ``skip`` is not scored), reading the images batch by batch
-        instead of holding them all at once. A batch's MC dropout draws come from its own generator."""
+        """Yield ``(ids, scores)`` over ``image_ids`` in fixed batches (a batch whose images are all
+        queried under ``skip`` is not scored), reading the images batch by batch instead of
+        holding them all at once, and scoring the images of each size in a batch together
+        (``al.inference``: the scores are on the pixels as read). A batch's MC dropout draws come
+        from its own generator."""
         size = self.config.inference_batch_size
         for start in tqdm(range(0, len(image_ids), size), desc=f"acquire {self.acquisition}", disable=not self.progress,
                           leave=False):
@@ -228,10 +242,16 @@ class ActiveLearningLoop:
             if skip is not None and all(self.labels.has_tag(i, skip) for i in ids):
                 continue
             generator = _derived_generator(self.device, self.seed, self.acquisition, cycle, "batch", start)
-            batch = collate_samples([self.train_set[self.train_set.index_of(i)] for i in ids])
-            predictions = pool_predictions(model, batch["image"].to(self.device), self.config.mc_samples, generator,
-                                           self.config.mc_at_decoder_resolution)
-            yield batch["id"], self.spec.score(predictions, generator).cpu()
+            samples = [self.train_set[self.train_set.index_of(i)] for i in ids]
+            for group in size_groups([s.mask.shape for s in samples]):
+                batch = collate_samples([samples[i] for i in group])
+                view = View.of(batch["mask"].shape[1:], self.transforms, input_multiple(model))
+                images = view.images(batch["image"].to(self.device))
+                predictions = pool_predictions(model, images, self.config.mc_samples, generator,
+                                               self.config.mc_at_decoder_resolution)
+                if not view.is_identity:
+                    predictions = predictions.map(view.maps)
+                yield batch["id"], self.spec.score(predictions, generator).cpu()
 
     def _acquire_images(self, model: nn.Module, tag: str, cycle: int) -> None:
         """DEAL's image-level rules: rank a random ``deal.pool_fraction`` of the pool and label
@@ -240,7 +260,8 @@ class ActiveLearningLoop:
         pool_generator = _derived_generator(torch.device("cpu"), self.seed, self.acquisition, cycle, "pool")
         sampled = torch.randperm(len(ids), generator=pool_generator)[:max(1, round(deal.pool_fraction * len(ids)))]
         candidates = [ids[i] for i in sorted(sampled.tolist())]
-        scores = torch.cat([batch_scores for _, batch_scores in self._score(model, candidates, cycle)])
+        by_id = {i: score for ids, scores in self._score(model, candidates, cycle) for i, score in zip(ids, scores)}
+        scores = torch.stack([by_id[i] for i in candidates])
         count = min(len(candidates), max(1, round(deal.image_share * len(ids))))
         chosen = [candidates[i] for i in scores.topk(count).indices.tolist()]
         per_image = -(-self.config.pixels_per_image * len(ids) // count)
@@ -272,7 +293,7 @@ class ActiveLearningLoop:
             else:
                 model = self._cycle0_model() if cycle == 0 else self.train_model(cycle)
                 model.save_pretrained(model_dir)
-                scores = evaluate(model, self.val_set)
+                scores = evaluate(model, self.val_set, transforms=self.transforms)
                 labelled = self.labels.count()
                 self.records.append(CycleRecord(cycle, labelled, 100.0 * labelled / self.total_pixels, scores.miou))
                 self._save_state()

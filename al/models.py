@@ -113,6 +113,13 @@ class Segmenter(nn.Module):
 
     num_members = 1  # as a guide (guidedgen.guidance.Guide): one member
 
+    @property
+    def input_multiple(self) -> int:
+        """Input sides must be multiples of this (``al.inference`` pads to it): the encoder's output
+        stride. smp's Unet would take other sizes by resizing its skip features, but padded
+        inputs keep them aligned, as the other architectures require."""
+        return self.net.encoder.output_stride
+
     def member_probs(self, images: Tensor) -> Tensor:
         """The softmax as a one-member stack, differentiable. ``[N, 3, H, W] -> [1, N, C, H, W]``."""
         return self(images).softmax(1)[None]

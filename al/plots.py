@@ -75,7 +75,8 @@ def plot_uncertainty_maps(
 ) -> None:
     """One row per image: image | ground truth | prediction | one column per map.
 
-    ``images`` uint8 ``[N, H, W, 3]``; ``masks``, ``predictions`` ``[N, H, W]``; each map ``[N, H, W]``.
+    ``images`` uint8 ``[N, H, W, 3]``; ``masks``, ``predictions`` ``[N, H, W]``; each map ``[N, H, W]``
+    (or lists of N arrays, one size per row).
     """
     colours = np.concatenate([class_colours(num_classes), [[0.0, 0.0, 0.0]]])
     cmap = ListedColormap(colours)

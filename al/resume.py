@@ -40,7 +40,9 @@ def identity(values: Any, ignore: Iterable[str] = ()) -> dict:
 
 def _plain(value: Any) -> Any:
     if is_dataclass(value) and not isinstance(value, type):
-        return asdict(value)
+        # a config that grew a field may record itself without it at its default
+        # (al.data.config.DataConfig.as_record), so the identities recorded before still match
+        return value.as_record() if hasattr(value, "as_record") else asdict(value)
     raise TypeError(f"{type(value).__name__} is not a config value")
 
 

@@ -4,6 +4,7 @@ validation set."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
@@ -13,12 +14,14 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers.optimization import get_scheduler
 from torch import Tensor, nn
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, WeightedRandomSampler, default_collate
 from tqdm.auto import tqdm
 
 from al.config import require
 from al.data.base import Sample, SegmentationDataset
+from al.data.transforms import TransformConfig, pad_to, round_to_multiple
 from al.deal import difficulty_loss
+from al.inference import View, input_multiple, size_groups
 from al.labels import SparseLabels
 from al.metrics import SegmentationScores, confusion_matrix
 from al.models import Segmenter
@@ -92,6 +95,7 @@ class TrainingSource:
     share: float = 1.0
     loss_weight: float = 1.0
     name: str = "real"
+    sparse: bool = False  # its targets are a few labelled pixels (resized point by point)
 
 
 class _Tagged(Dataset):
@@ -105,7 +109,36 @@ class _Tagged(Dataset):
         return {**self.dataset[index], "source": self.source}
 
 
-def _mixed_loader(sources: Sequence[TrainingSource], batch_size: int, generator: torch.Generator) -> DataLoader:
+class TrainingCollate:
+    """Batches of ``{"image", "target"[, "source"]}`` items of any size: each item as
+    ``transforms`` shows it to training (resized, randomly cropped), then the batch padded at the
+    bottom and right to one size that the model takes (image 0, target ``ignore_index``).
+    ``sparse[s]``: source s's targets are sparse. Items of one size that the model takes, with
+    default transforms, are stacked untouched."""
+
+    def __init__(self, transforms: Optional[TransformConfig], sparse: Sequence[bool], ignore_index: int,
+                 multiple: int = 1, generator: Optional[torch.Generator] = None):
+        self.transforms, self.sparse, self.ignore_index = transforms or TransformConfig(), list(sparse), ignore_index
+        self.multiple, self.generator = multiple, generator
+
+    def __call__(self, items: list[dict]) -> dict:
+        pairs = [self.transforms.training_pair(item["image"], item["target"], self.ignore_index,
+                                               self.sparse[item.get("source", 0)], self.generator) for item in items]
+        size = round_to_multiple((max(i.shape[-2] for i, _ in pairs), max(i.shape[-1] for i, _ in pairs)),
+                                 self.multiple)
+        return default_collate([{**item, "image": pad_to(image, size, 0.0),
+                                 "target": pad_to(target, size, self.ignore_index)}
+                                for item, (image, target) in zip(items, pairs)])
+
+
+def crop_generator(seed: int) -> torch.Generator:
+    """The random crops' own stream: without crops, the data order's stream is as it always was."""
+    digest = hashlib.sha256(f"{seed}/crops".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def _mixed_loader(sources: Sequence[TrainingSource], batch_size: int, generator: torch.Generator,
+                  collate: Optional[TrainingCollate] = None) -> DataLoader:
     """Batches drawn with replacement so source s fills ``share_s`` of them in expectation; one
     epoch shows the first source's size / share items (its images once each, on average)."""
     for source in sources:
@@ -117,7 +150,7 @@ def _mixed_loader(sources: Sequence[TrainingSource], batch_size: int, generator:
     epoch = max(1, round(len(sources[0].dataset) * total_share / sources[0].share))
     sampler = WeightedRandomSampler(weights, epoch, replacement=True, generator=generator)
     dataset = ConcatDataset([_Tagged(s.dataset, i) for i, s in enumerate(sources)])
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate)
 
 
 def mixed_cross_entropy(logits: Tensor, target: Tensor, source: Tensor, loss_weights: Sequence[float],
@@ -159,9 +192,11 @@ def train_segmenter(
     ignore_index: int = 255,
     accelerator: Optional[Accelerator] = None,
     progress: bool = True,
+    transforms: Optional[TransformConfig] = None,
 ) -> TrainResult:
     """Train in place with Adam on ``{"image", "target"}`` items, from one dataset or mixed
-    :class:`TrainingSource` s; returns the loss per epoch. A segmenter with DEAL's difficulty
+    :class:`TrainingSource` s; returns the loss per epoch. Items of any size are brought to the
+    model by ``transforms`` (:class:`TrainingCollate`). A segmenter with DEAL's difficulty
     branch also learns it: its weighted BCE against the segmenter's own errors on the labelled
     pixels is added to the loss (``al.deal.difficulty_loss``)."""
     config.validate()
@@ -169,11 +204,13 @@ def train_segmenter(
     generator = torch.Generator().manual_seed(config.seed)
     sources = list(train_set) if isinstance(train_set, (list, tuple)) else [TrainingSource(train_set)]
     loss_weights = [s.loss_weight for s in sources]
+    collate = TrainingCollate(transforms, [s.sparse for s in sources], ignore_index, input_multiple(model),
+                              crop_generator(config.seed))
     if len(sources) == 1 and sources[0].loss_weight == 1.0:  # plain shuffling, every item once per epoch
         loader = DataLoader(_Tagged(sources[0].dataset, 0), batch_size=config.batch_size, shuffle=True,
-                            generator=generator)
+                            generator=generator, collate_fn=collate)
     else:
-        loader = _mixed_loader(sources, config.batch_size, generator)
+        loader = _mixed_loader(sources, config.batch_size, generator, collate)
     optimizer = torch.optim.Adam(model.optimizer_groups(config.lr), lr=config.lr, weight_decay=config.weight_decay)
     schedule = get_scheduler(config.lr_schedule, optimizer, num_warmup_steps=0,
                              num_training_steps=config.epochs * len(loader))
@@ -202,16 +239,21 @@ def train_segmenter(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: SegmentationDataset, batch_size: int = 32, progress: bool = False) -> SegmentationScores:
+def evaluate(model: nn.Module, dataset: SegmentationDataset, batch_size: int = 32, progress: bool = False,
+             transforms: Optional[TransformConfig] = None) -> SegmentationScores:
     """mIoU of ``model.predict`` (a segmenter's argmax, an ensemble's majority vote) against the
-    dense masks of ``dataset``."""
+    dense masks of ``dataset``, on the original pixels: images of one size are batched, shown at
+    ``transforms``' scale padded to what the model takes, and the prediction is brought back."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     confusion = torch.zeros(dataset.num_classes, dataset.num_classes, dtype=torch.long)
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_samples)
-    for batch in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
-        pred = model.predict(batch["image"].to(device))
-        confusion += confusion_matrix(pred, batch["mask"].to(device), dataset.num_classes, dataset.ignore_index)
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=list)
+    for samples in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
+        for group in size_groups([s.mask.shape for s in samples]):
+            batch = collate_samples([samples[i] for i in group])
+            view = View.of(batch["mask"].shape[1:], transforms, input_multiple(model))
+            pred = view.labels(model.predict(view.images(batch["image"].to(device))))
+            confusion += confusion_matrix(pred, batch["mask"].to(device), dataset.num_classes, dataset.ignore_index)
     model.train(was_training)
     return SegmentationScores.from_confusion(confusion)

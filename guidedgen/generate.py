@@ -19,11 +19,13 @@ from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from al.config import ConfigError, require
-from al.data.base import DatasetError, SegmentationDataset, read_index_mask
+from al.data.base import DatasetError, Sample, SegmentationDataset, read_index_mask
 from al.data.config import DataConfig
 from al.data.folder import load_folder, read_metadata
+from al.data.transforms import centre_crop_or_pad, resize_image, resize_labels, round_to_multiple, short_side_size
 from al.diffusion_features import ENSEMBLE_RECORD
 from al.folder_lock import FolderLock
+from al.inference import View, input_multiple, size_groups
 from al.models import Segmenter, load_model
 from al.scores import entropy
 from guidedgen.components import (
@@ -51,6 +53,9 @@ from guidedgen.sampler import GRADIENT_PATHS, GuidedControlNetSampler, KnownRegi
 from guidedgen.schedule import NORMALISATIONS, GuidanceSchedule
 from guidedgen.sheet import contact_sheet
 from guidedgen.writer import GenerationWriter, sample_seed, shard
+
+
+MASK_FITS = ("crop", "pad")
 
 
 @dataclass
@@ -98,8 +103,15 @@ class GenerateConfig:
     tiny_components: bool = False  # random tiny SD + ControlNet(s) built in code (tests, CPU demo)
     tiny_seed: int = 0
     components: ComponentsConfig = field(default_factory=ComponentsConfig)
-    masks: DataConfig = field(default_factory=DataConfig)
+    masks: DataConfig = field(default_factory=DataConfig)  # masks.transforms are training's: not used here
     masks_split: str = "train"
+    # Masks of any size (VOC, ADE20K, CamVid): resized (nearest) so the short side is `resolution`
+    # pixels (512 for SD-1.5; null: as read), then each side centre-cropped ("crop") or padded with
+    # the ignore value ("pad") to a multiple the components take (64 for SD-1.5). A sample is
+    # written with the mask it was generated from, at its image's size. Whole-image mode only:
+    # instance mode resizes its crops to instances.size.
+    resolution: Optional[int] = None
+    fit: str = "crop"
     # Instance mode (guidedgen.instances): each sample is a real image with one of its instances
     # regenerated; sample i is instance i mod (number of instances), variant i // (that number).
     # null: whole images generated from the masks (sample i from mask i mod the number of masks)
@@ -154,8 +166,13 @@ class GenerateConfig:
         require(self.components.mixed_precision in TORCH_DTYPES, "components.mixed_precision",
                 self.components.mixed_precision, f"one of {sorted(TORCH_DTYPES)}")
         self.masks.validate("masks")
+        require(self.resolution is None or self.resolution >= 1, "resolution", self.resolution,
+                "null (masks as read) or the generator's resolution in pixels, e.g. 512")
+        require(self.fit in MASK_FITS, "fit", self.fit, f"one of {MASK_FITS}")
         if self.instances is not None:
             self.instances.validate()
+            require(self.resolution is None, "resolution", self.resolution,
+                    "null in instance mode (instances.size is the resolution of its crops)")
             require(self.masks.kind != "masks", "instances", "set", "null with masks.kind=masks: instance mode "
                     "regenerates objects inside the images behind the masks")
         for name in self.extra_controls:
@@ -175,6 +192,12 @@ class GenerateConfig:
         for key in ("output_dir", "num_samples", "overwrite", "batch_size", "progress", "contact_sheet_samples",
                     "contact_sheet_file", "vae_gradient_checkpointing", "vae_slicing"):
             values.pop(key)
+        values["masks"].pop("transforms")  # training's, not generation's
+        # Sets written before masks were fitted keep their identity while the defaults leave masks as read
+        if self.resolution is None:
+            values.pop("resolution")
+        if self.fit == "crop":
+            values.pop("fit")
         # Sets written before guidance.options recorded the options' defaults as flat keys: a set
         # with no options keeps that identity, so those folders still resume.
         options = values["guidance"].pop("options")
@@ -277,11 +300,13 @@ def _write_pending(config: GenerateConfig, state: PartialState, writer: Generati
     device, classes, ignore_index = state.device, list(masks_dataset.classes), masks_dataset.ignore_index
     mine = writer.pending(shard(range(config.num_samples), state.process_index, state.num_processes))
     sampler = build_sampler(config, build_components(config, device), palette, segmenters, ignore_index)
-    batches = [mine[i:i + config.batch_size] for i in range(0, len(mine), config.batch_size)]
+    fitted = MaskFit(config.resolution, config.fit, sampler.size_multiple, ignore_index)
+    batches = size_batches(config, masks_dataset, units, fitted, mine)
     for batch in tqdm(batches, desc=f"generate (process {state.process_index})", disable=not config.progress):
         seeds = [sample_seed(config.seed, i) for i in batch]
         if units is None:
-            sources = [masks_dataset[i % len(masks_dataset)] for i in batch]
+            read = [masks_dataset[i % len(masks_dataset)] for i in batch]
+            sources = [fitted(s) for s in read]
             masks = torch.stack([s.mask for s in sources])
             prompts = [prompt_for(m, classes, config.prompt_template) for m in masks]
             output = sampler(masks.to(device), prompts, seeds, extra_controls(config, [s.image for s in sources]))
@@ -306,6 +331,7 @@ def _write_pending(config: GenerateConfig, state: PartialState, writer: Generati
                 "strength": config.guidance.strength, "trace": output.traces[j].summary(),
                 "quality": dataclasses.asdict(quality) if quality else None,
                 **({"instance": placed[j]} if units is not None else {}),
+                **({"source_size": list(read[j].mask.shape)} if units is None and read[j] is not sources[j] else {}),
             }
             image = (images[j].permute(1, 2, 0).float().cpu().numpy() * 255 + 0.5).astype(np.uint8)
             if config.drop_degenerate and float(images[j].float().std()) < config.min_image_std:
@@ -313,6 +339,46 @@ def _write_pending(config: GenerateConfig, state: PartialState, writer: Generati
                 continue
             ignore = disagree[j].cpu().numpy() if (config.ignore_disagreement and disagree is not None) else None
             writer.write(index, image, masks[j].numpy().astype(np.uint8), ignore, metadata)
+
+
+@dataclass(frozen=True)
+class MaskFit:
+    """Whole-image mode's masks brought to a size the components take (``GenerateConfig.resolution``
+    and ``fit``), with the images behind them (the extra controls' input) alike."""
+
+    resolution: Optional[int]
+    fit: str
+    multiple: int
+    ignore_index: int
+
+    def scaled(self, height: int, width: int) -> tuple[int, int]:
+        return (height, width) if self.resolution is None else short_side_size(height, width, self.resolution)
+
+    def size(self, height: int, width: int) -> tuple[int, int]:
+        """The size a mask of ``(height, width)`` is generated at."""
+        return round_to_multiple(self.scaled(height, width), self.multiple, down=self.fit == "crop")
+
+    def __call__(self, sample: Sample) -> Sample:
+        """``sample`` at :meth:`size` (itself when it is that size already)."""
+        size = self.size(*sample.mask.shape)
+        if size == tuple(sample.mask.shape):
+            return sample
+        scaled = self.scaled(*sample.mask.shape)
+        return Sample(sample.id, centre_crop_or_pad(resize_image(sample.image, scaled), size, 0.0),
+                      centre_crop_or_pad(resize_labels(sample.mask, scaled), size, self.ignore_index))
+
+
+def size_batches(config: GenerateConfig, dataset: SegmentationDataset, units: Optional[list[Instance]],
+                 fitted: MaskFit, indices: list[int]) -> list[list[int]]:
+    """``indices`` in batches of at most ``config.batch_size`` samples of one size (the size they are
+    generated at; in instance mode their source image's), in order within each size."""
+    shapes = dataset.image_shapes()
+    if units is None:
+        sizes = [fitted.size(*shapes[dataset.ids[i % len(dataset)]]) for i in indices]
+    else:
+        sizes = [shapes[dataset.ids[units[i % len(units)].source_index]] for i in indices]
+    groups = [[indices[p] for p in group] for group in size_groups(sizes)]
+    return [group[i:i + config.batch_size] for group in groups for i in range(0, len(group), config.batch_size)]
 
 
 def instance_units(config: GenerateConfig, dataset: SegmentationDataset) -> Optional[list[Instance]]:
@@ -349,15 +415,16 @@ def regenerate_instances(config: GenerateConfig, sampler: GuidedControlNetSample
 
 
 def write_contact_sheet(config: GenerateConfig, path: Path) -> Optional[Path]:
-    """Contact sheet of the first finished samples: their control image (in instance mode: the real
-    image and its mask), the unguided sample of the same seed, the guided sample as written, and
-    the guiding segmenter's entropy on it."""
+    """Contact sheet of the first finished samples of the first one's size: their control image (in
+    instance mode: the real image and its mask), the unguided sample of the same seed, the guided
+    sample as written, and the guiding segmenter's entropy on it."""
     dataset = load_folder(config.output_dir)
-    count = min(config.contact_sheet_samples, len(dataset))
-    if count == 0 or not config.guidance.segmenters:
+    if min(config.contact_sheet_samples, len(dataset)) == 0 or not config.guidance.segmenters:
         return None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    samples = [dataset[i] for i in range(count)]
+    shapes = dataset.image_shapes()  # one size: the unguided samples are generated as one batch
+    same_size = [i for i, sample_id in enumerate(dataset.ids) if shapes[sample_id] == shapes[dataset.ids[0]]]
+    samples = [dataset[i] for i in same_size[:config.contact_sheet_samples]]
     records = [{r["id"]: r for r in read_metadata(Path(config.output_dir))}[s.id] for s in samples]
     # the conditioning masks as written, without the quality check's ignore map
     masks = torch.stack([torch.from_numpy(read_index_mask(Path(config.output_dir, r["mask"])).astype(np.int64))
@@ -369,15 +436,18 @@ def write_contact_sheet(config: GenerateConfig, path: Path) -> Optional[Path]:
     seeds = [r["seed"] for r in records]
     source_set = config.masks.build(config.masks_split) if config.extra_controls or config.instances else None
     sources = [source_set[source_set.index_of(r["source_id"])] for r in records] if source_set else []
-    if config.instances is None:
+    if config.instances is None:  # the images behind the masks, fitted as the masks were
+        fitted = MaskFit(config.resolution, config.fit, unguided.size_multiple, dataset.ignore_index)
+        sources = [fitted(s) for s in sources]
         plain = unguided(masks, [r["prompt"] for r in records], seeds, extra_controls(config, [s.image for s in sources])).images
     else:  # the same instances regenerated unguided
         chosen = [Instance(source_set.index_of(r["source_id"]), r["instance"]["rank"], classes.index(r["instance"]["class"]),
                            r["instance"]["area"]) for r in records]
         plain = regenerate_instances(config, unguided, sources, chosen, seeds, classes, device)[0]
     guided = torch.stack([s.image for s in samples]).to(device)
+    view = View.of(guided.shape[-2:], multiple=input_multiple(segmenter))
     with torch.no_grad():
-        uncertainty = entropy(segmenter(guided).softmax(1)[None])
+        uncertainty = entropy(view.maps(segmenter(view.images(guided)).softmax(1))[None])
     to_uint8 = lambda x: (x.permute(0, 2, 3, 1).float().cpu().numpy() * 255 + 0.5).astype(np.uint8)
     captions = [f"{s.id}: {r['objective']} x{r['strength']}" for s, r in zip(samples, records)]
     if config.instances is None:

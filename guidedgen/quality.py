@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from al.data.base import DatasetError
+from al.inference import View, input_multiple
 from al.metrics import SegmentationScores, confusion_matrix
 from al.models import Segmenter
 
@@ -35,9 +36,11 @@ def assess(segmenter: Segmenter, images: Tensor, masks: Tensor, ignore_index: in
     """Per-sample quality and the disagreement map (prediction != mask, not on ignore pixels).
 
     Shape: ``images [N, 3, H, W] in [0, 1], masks [N, H, W] -> (N qualities, [N, H, W] bool)``.
-    A near-constant image (std below ``min_image_std``, e.g. black) is degenerate.
+    A near-constant image (std below ``min_image_std``, e.g. black) is degenerate. Images of a
+    size the segmenter does not take (instance mode writes the real images' sizes) are padded.
     """
-    prediction = segmenter.eval().predict(images)
+    view = View.of(images.shape[-2:], multiple=input_multiple(segmenter))
+    prediction = view.labels(segmenter.eval().predict(view.images(images)))
     disagree = (prediction != masks) & (masks != ignore_index)
     qualities = []
     for i in range(len(images)):

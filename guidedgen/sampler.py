@@ -199,6 +199,11 @@ class GuidedControlNetSampler:
         self.vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
 
     @property
+    def size_multiple(self) -> int:
+        """Mask sides must be multiples of this: the VAE's factor x the UNet's down-sampling (64 for SD-1.5)."""
+        return self.vae_factor * 2 ** (len(self.components.unet.config.block_out_channels) - 1)
+
+    @property
     def device(self) -> torch.device:
         return self.components.unet.device
 
@@ -265,9 +270,10 @@ class GuidedControlNetSampler:
             raise ValueError(f"masks must hold integer class ids, got dtype {masks.dtype}")
         if not (len(prompts) == len(seeds) == masks.shape[0]):
             raise ValueError(f"{masks.shape[0]} masks, {len(prompts)} prompts, {len(seeds)} seeds: counts must match")
-        multiple = self.vae_factor * 2 ** (len(self.components.unet.config.block_out_channels) - 1)
+        multiple = self.size_multiple
         if masks.shape[1] % multiple or masks.shape[2] % multiple:
-            raise ValueError(f"mask size {tuple(masks.shape[1:])} must be divisible by {multiple} for these components")
+            raise ValueError(f"mask size {tuple(masks.shape[1:])} must be divisible by {multiple} for these components "
+                             f"(scripts/generate.py fits masks to it: its resolution and fit settings)")
         latent_size = (masks.shape[1] // self.vae_factor, masks.shape[2] // self.vae_factor)
         if any(side % self.decode_downsample for side in latent_size):
             raise ValueError(f"latent size {latent_size} of masks {tuple(masks.shape[1:])} must be divisible by "

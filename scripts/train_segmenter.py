@@ -60,8 +60,8 @@ def main(argv=None) -> int:
         torch.manual_seed(config.seed)
         model = config.model.build(train_set.num_classes)
         result = train_segmenter(model, DenseTargetDataset(train_set), config.train, train_set.ignore_index,
-                                 progress=config.progress)
-        scores = evaluate(model, val_set)
+                                 progress=config.progress, transforms=config.data.transforms)
+        scores = evaluate(model, val_set, transforms=config.data.transforms)
         model.save_pretrained(output)
         atomic_write_bytes(record, json.dumps({"config": asdict(config), "val_miou": scores.miou,
                                                "losses": result.losses}, indent=2).encode())

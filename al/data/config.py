@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -11,6 +11,7 @@ from al.data.base import SegmentationDataset
 from al.data.digitscenes import DigitScenesConfig, DigitScenesLayout, digit_scenes
 from al.data.folder import load_folder
 from al.data.standard import LAYOUTS
+from al.data.transforms import TransformConfig
 
 DATA_KINDS = ("digitscenes", "folder", "masks", *LAYOUTS)  # "masks": a folder of masks only (generation)
 DATA_CONFIG_NAME = "data.json"  # in each AL run folder: how scripts/annotate.py rebuilds the pool
@@ -28,11 +29,27 @@ class DataConfig(DigitScenesLayout):
     # DigitScenes only: scenes per split
     num_train_images: int = 200
     num_val_images: int = 200
+    # How training, evaluation and pool scoring bring images of any size to the model; the
+    # datasets built here always hold the images as read (the label journal's pixels)
+    transforms: TransformConfig = field(default_factory=TransformConfig)
+
+    def __post_init__(self):
+        if isinstance(self.transforms, dict):  # rebuilt from a recorded data.json
+            self.transforms = TransformConfig(**self.transforms)
 
     def validate(self, prefix: str = "data") -> None:
         require(self.kind in DATA_KINDS, f"{prefix}.kind", self.kind, f"one of {list(DATA_KINDS)}")
         require(self.kind == "digitscenes" or self.root is not None, f"{prefix}.root", self.root,
                 f"the dataset folder (needed for {prefix}.kind={self.kind!r})")
+        self.transforms.validate(f"{prefix}.transforms")
+
+    def as_record(self) -> dict:
+        """This config as runs record it (``al.resume.identity``): default transforms are left
+        out, so what runs recorded before transforms existed still matches."""
+        values = asdict(self)
+        if self.transforms == TransformConfig():
+            values.pop("transforms")
+        return values
 
     def build(self, split: str) -> SegmentationDataset:
         if self.kind == "digitscenes":
