@@ -6,35 +6,14 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Optional
 
 from al.acquisition import all_acquisitions, get_acquisition
 from al.config import require
-from al.data.base import DatasetError
-from al.data.folder import load_folder
 from al.diffusion_features import DiffusionFeaturesConfig
 from al.models import ModelConfig
 from al.select import SELECTION_RULES
-from al.train import DenseTargetDataset, TrainConfig, TrainingSource
-
-
-@dataclass
-class SyntheticConfig:
-    """Dense synthetic pairs (a ``guidedgen`` output folder) added to every cycle's training."""
-
-    root: Optional[str] = None  # None = real sparse labels only
-    share: float = 0.5  # expected fraction of each batch drawn from the synthetic pairs
-    loss_weight: float = 1.0
-
-    def source(self, classes: list[str]) -> Optional[TrainingSource]:
-        if self.root is None:
-            return None
-        dataset = load_folder(self.root)
-        if list(dataset.classes) != list(classes):
-            raise DatasetError(f"{self.root}: synthetic classes {list(dataset.classes)} differ from the real ones "
-                               f"{list(classes)}; generate from masks of the same dataset")
-        return TrainingSource(DenseTargetDataset(dataset), self.share, self.loss_weight, "synthetic")
+from al.train import SyntheticConfig, TrainConfig
 
 
 @dataclass
@@ -99,10 +78,7 @@ class LoopConfig:
                 f"false with {prefix}.learner=diffusion_features (its ensemble is refitted every cycle)")
         require(self.warm_start_epochs is None or self.warm_start_epochs >= 1, f"{prefix}.warm_start_epochs",
                 self.warm_start_epochs, "null or an integer >= 1")
-        require(0.0 < self.synthetic.share < 1.0, f"{prefix}.synthetic.share", self.synthetic.share,
-                "a number in (0, 1): the expected fraction of each batch drawn from the synthetic pairs")
-        require(self.synthetic.root is None or Path(self.synthetic.root, "dataset.json").is_file(),
-                f"{prefix}.synthetic.root", self.synthetic.root, "a folder written by scripts/generate.py")
+        self.synthetic.validate(f"{prefix}.synthetic")
 
     def epochs_of(self, cycle: int) -> int:
         """Training epochs of ``cycle``'s model (from its starting weights)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
@@ -18,7 +19,8 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, WeightedRandomS
 from tqdm.auto import tqdm
 
 from al.config import require
-from al.data.base import Sample, SegmentationDataset
+from al.data.base import DatasetError, Sample, SegmentationDataset
+from al.data.folder import DATASET_JSON, load_folder
 from al.data.transforms import TransformConfig, pad_to, round_to_multiple
 from al.deal import difficulty_loss
 from al.inference import View, input_multiple, size_groups
@@ -96,6 +98,31 @@ class TrainingSource:
     loss_weight: float = 1.0
     name: str = "real"
     sparse: bool = False  # its targets are a few labelled pixels (resized point by point)
+
+
+@dataclass
+class SyntheticConfig:
+    """Dense synthetic pairs (a ``guidedgen`` output folder) mixed into the real training data (the
+    ``synthetic:`` block of an AL loop and of scripts/train_segmenter.py)."""
+
+    root: Optional[str] = None  # None = real labels only
+    share: float = 0.5  # expected fraction of each batch drawn from the synthetic pairs
+    loss_weight: float = 1.0
+
+    def validate(self, prefix: str = "synthetic") -> None:
+        require(0.0 < self.share < 1.0, f"{prefix}.share", self.share,
+                "a number in (0, 1): the expected fraction of each batch drawn from the synthetic pairs")
+        require(self.root is None or Path(self.root, DATASET_JSON).is_file(), f"{prefix}.root", self.root,
+                f"null or a folder written by scripts/generate.py (with a {DATASET_JSON})")
+
+    def source(self, classes: list[str]) -> Optional[TrainingSource]:
+        if self.root is None:
+            return None
+        dataset = load_folder(self.root)
+        if list(dataset.classes) != list(classes):
+            raise DatasetError(f"{self.root}: synthetic classes {list(dataset.classes)} differ from the real ones "
+                               f"{list(classes)}; generate from masks of the same dataset")
+        return TrainingSource(DenseTargetDataset(dataset), self.share, self.loss_weight, "synthetic")
 
 
 class _Tagged(Dataset):

@@ -14,6 +14,7 @@ from al.data.base import DatasetError
 from al.experiment import ExperimentConfig
 from al.few_labels import FewLabelsConfig
 from al.folder_lock import FolderLockedError
+from al.loop_config import LoopConfig
 from guidedgen.generate import GenerateConfig
 from guidedgen.pipeline import PipelineConfig
 from guidedgen.training import TrainControlNetConfig
@@ -43,7 +44,8 @@ def script_of(path: Path) -> str:
 
 def with_stand_ins(config, folder: Path):
     """``config`` reading stand-ins in ``folder`` for what other commands write first (validate() checks
-    that those exist): the guiding segmenters (make demo, the pipeline's stage 1), a synthetic set."""
+    that those exist): the guiding segmenters (make demo, the pipeline's stage 1), a synthetic set (an AL
+    loop's, a retraining's)."""
     if isinstance(config, GenerateConfig):
         segmenter = folder / "segmenter"
         segmenter.mkdir(exist_ok=True)
@@ -52,11 +54,12 @@ def with_stand_ins(config, folder: Path):
         return dataclasses.replace(config, guidance=guidance,
                                    quality_segmenter=str(segmenter) if config.quality_segmenter else None)
     if isinstance(config, ExperimentConfig) and config.loop.synthetic.root is not None:
+        return dataclasses.replace(config, loop=with_stand_ins(config.loop, folder))
+    if isinstance(config, (LoopConfig, TrainSegmenterConfig)) and config.synthetic.root is not None:
         synthetic = folder / "synthetic"
         synthetic.mkdir(exist_ok=True)
         (synthetic / "dataset.json").write_text("{}")
-        loop = dataclasses.replace(config.loop, synthetic=dataclasses.replace(config.loop.synthetic, root=str(synthetic)))
-        return dataclasses.replace(config, loop=loop)
+        return dataclasses.replace(config, synthetic=dataclasses.replace(config.synthetic, root=str(synthetic)))
     return config
 
 

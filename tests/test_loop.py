@@ -155,7 +155,7 @@ def write_pairs(root, dataset, classes=None):
 @pytest.mark.slow
 def test_synthetic_pairs_join_every_cycles_training(tiny_digits, tmp_path, monkeypatch):
     from al import loop as loop_module
-    from al.loop_config import SyntheticConfig
+    from al.train import SyntheticConfig
 
     train, val = tiny_digits
     root = write_pairs(tmp_path / "synthetic", val)
@@ -175,7 +175,7 @@ def test_synthetic_pairs_join_every_cycles_training(tiny_digits, tmp_path, monke
 
 def test_synthetic_pairs_with_other_classes_are_refused(tiny_digits, tmp_path):
     from al.data.base import DatasetError
-    from al.loop_config import SyntheticConfig
+    from al.train import SyntheticConfig
 
     train, val = tiny_digits
     root = write_pairs(tmp_path / "synthetic", val, classes=[f"c{i}" for i in range(11)])

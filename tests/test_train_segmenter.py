@@ -16,7 +16,10 @@ def run(tmp_path, *extra):
 
 
 @pytest.mark.parametrize("override,key", [("train.epochs=0", "'train.epochs'"), ("train.lr=-1", "'train.lr'"),
-                                          ("model.encoder=resnet_9000", "'model.encoder'")])
+                                          ("model.encoder=resnet_9000", "'model.encoder'"),
+                                          ("data.transforms.short_side=0", "'data.transforms.short_side'"),
+                                          ("synthetic.share=1", "'synthetic.share'"),
+                                          ("synthetic.root=no/such/folder", "'synthetic.root'")])
 def test_bad_settings_are_refused_before_anything_is_written(tmp_path, capsys, override, key):
     assert run(tmp_path / "out", override) == 2
     assert key in capsys.readouterr().err and not (tmp_path / "out").exists()
