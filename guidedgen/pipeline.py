@@ -441,37 +441,46 @@ def _run_pipeline(config: PipelineConfig, output: Path) -> str:
                       for objective, paths in readers.items() if len(paths) >= OBJECTIVES[objective].min_segmenters}
             keys, variant_numbers = [unit_key(r) for r in records], [r["index"] // count for r in records]
             ranking = None if condition.select == FIRST else scores[condition.select]
-            generated_images, generated_masks = images, masks
+
+            def described(positions: list[int]) -> tuple[dict, torch.Tensor | None]:
+                """A training set's objective means, generation cost per kept pair and judge fidelity,
+                from its positions among the generated pairs; and its judge-filtered masks."""
+                values = {f"objective_{k}": float(v[positions].mean()) for k, v in scores.items()}
+                values["seconds_per_kept"] = log.seconds[stage] / len(positions)  # all variants generated count
+                fidelity, filtered = judge_set(images[positions], masks[positions], judge, num_classes,
+                                               ignore_index) if judge else ({}, None)
+                if judge and condition.mode == "instance":  # the regenerated objects against the real ones
+                    real_images = torch.stack([train_set[train_set.index_of(records[p]["source_id"])].image
+                                               for p in positions])
+                    fidelity.update(region_fidelity(images[positions], real_images, masks[positions], judge,
+                                                    ignore_index))
+                return {**values, **fidelity}, filtered
+
             kept = kept_variants(keys, variant_numbers, ranking, config.keep_per_unit)
-            images, masks = images[kept], masks[kept]
-            values = {f"objective_{k}": float(v[kept].mean()) for k, v in scores.items()}
-            values["seconds_per_kept"] = log.seconds[stage] / len(kept)  # generation wall time per kept pair
-            fidelity, filtered = judge_set(images, masks, judge, num_classes, ignore_index) if judge else ({}, None)
-            if judge and condition.mode == "instance":  # the regenerated objects against the real ones
-                real_images = torch.stack([train_set[train_set.index_of(records[p]["source_id"])].image for p in kept])
-                fidelity.update(region_fidelity(images, real_images, masks, judge, ignore_index))
+            kept_images, kept_masks = images[kept], masks[kept]
+            values, filtered = described(kept)
             if name not in shown:  # one kept pair per real mask shown, the same masks for every set
                 sources = [records[p]["source_id"] for p in kept]
-                shown[name] = torch.stack([images[sources.index(i)] if i in sources else torch.ones_like(images[0])
+                shown[name] = torch.stack([kept_images[sources.index(i)] if i in sources else torch.ones_like(images[0])
                                            for i in train_set.ids[:SHEET_SAMPLES]])
-            training_sets = {name: (images, masks, masks)}  # images, training targets, their masks
+            # each training set: images, training targets, their masks, its description
+            training_sets = {name: (kept_images, kept_masks, kept_masks, values)}
             if config.label_filter:
-                training_sets[name + FILTERED] = (images, filtered, masks)
+                training_sets[name + FILTERED] = (kept_images, filtered, kept_masks, values)
             if config.loss_filter:
-                training_sets[name + LOSS_FILTERED] = (images, filter_by_loss(
-                    pixel_losses(reader, images, masks, ignore_index), masks, class_means, ignore_index,
-                    config.loss_filter_margin), masks)
+                training_sets[name + LOSS_FILTERED] = (kept_images, filter_by_loss(
+                    pixel_losses(reader, kept_images, kept_masks, ignore_index), kept_masks, class_means, ignore_index,
+                    config.loss_filter_margin), kept_masks, values)
             if config.hardness_resampling:
-                hardness = unit_hardness(records, generated_masks, condition.mode, class_means, train_set.classes,
-                                         ignore_index)
+                hardness = unit_hardness(records, masks, condition.mode, class_means, train_set.classes, ignore_index)
                 first = {}  # each unit's first pair, units in order of appearance
                 for position, key in enumerate(keys):
                     first.setdefault(key, position)
                 counts = hardness_keep_counts(hardness[list(first.values())], config.variants_per_unit)
                 resampled = kept_variants(keys, variant_numbers, ranking, dict(zip(first, counts)))
-                training_sets[name + RESAMPLED] = (generated_images[resampled], generated_masks[resampled],
-                                                   generated_masks[resampled])
-            for set_name, (set_images, targets, set_masks) in training_sets.items():
+                training_sets[name + RESAMPLED] = (images[resampled], masks[resampled], masks[resampled],
+                                                   described(resampled)[0])
+            for set_name, (set_images, targets, set_masks, values) in training_sets.items():
                 items = [{"image": i, "target": t} for i, t in zip(set_images, targets)]
                 labelled = float((targets != ignore_index).sum() / (set_masks != ignore_index).sum().clamp_min(1))
                 for recipe in config.recipes:
@@ -484,7 +493,7 @@ def _run_pipeline(config: PipelineConfig, output: Path) -> str:
                     rows.append({"seed": seed, "condition": REAL_PLUS + label, "val_miou": record["val_miou"],
                                  "reference": REAL_PLUS + reference + ("" if recipe == "joint" else f" ({recipe})"),
                                  "synthetic_samples": len(items), "generated_samples": len(records),
-                                 "labelled_share": labelled, **values, **fidelity})
+                                 "labelled_share": labelled, **values})
     sets_sheet(stacked(train_set)[1][:SHEET_SAMPLES].numpy(), {n: images.numpy() for n, images in shown.items()},
                num_classes, output / "sets.png")
     return write_results(rows, output)

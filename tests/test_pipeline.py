@@ -223,6 +223,12 @@ def test_instance_mode_variants_and_recipes_in_the_pipeline(tmp_path):
         n = int(by_name[f"real + {name}"]["synthetic_samples"])
         assert int(by_name[f"real + {name} resampled"]["synthetic_samples"]) == sum(
             min(1 + round(i / n * 2), 2) for i in range(1, n + 1))
+        # each set's cost and objective values are its own pairs': the same generation, more pairs kept
+        plain, resampled = by_name[f"real + {name}"], by_name[f"real + {name} resampled"]
+        assert float(resampled["seconds_per_kept"]) * int(resampled["synthetic_samples"]) == pytest.approx(
+            float(plain["seconds_per_kept"]) * n)
+    entropy = {s: float(by_name[f"real + entropy_instance{s}"]["objective_entropy"]) for s in ("", " resampled")}
+    assert entropy[""] != entropy[" resampled"]  # the resampled set keeps lower-entropy variants too
     shared = tmp_path / "shared" / "generated" / "unguided_instance"
     records = [json.loads(line) for line in open(shared / "metadata.jsonl")]
     units = int(by_name["real + unguided_instance"]["synthetic_samples"])
