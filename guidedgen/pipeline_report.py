@@ -1,6 +1,6 @@
 """The pipeline's report: its finished rows (one per seed and training set) into results.csv, the
 summary table (summary.md, with each seed's paired change against real only and against the
-unguided set) and miou.png (mean ± std val mIoU per training set)."""
+unguided set) and miou.png (each set's paired change against real only: per seed and mean ± std)."""
 
 from __future__ import annotations
 
@@ -46,12 +46,9 @@ def write_results(rows: list[dict], output: Path) -> str:
     lines = ["| training data | val mIoU (%) | seeds | paired vs real only | paired vs unguided | "
              + " | ".join(k.replace("objective_", "") for k in objective_keys) + " |",
              "|---" * (5 + len(objective_keys)) + "|"]
-    means, spreads = [], []
     for condition in conditions:
         chosen = [row for row in rows if row["condition"] == condition]
         mious = np.array([row["val_miou"] for row in chosen]) * 100
-        means.append(mious.mean())
-        spreads.append(mious.std())
         unguided = chosen[0].get("reference", REAL_ONLY)  # real only has no unguided reference
         changes = [_change_cell(paired_changes(rows, condition, reference)) for reference in (REAL_ONLY, unguided)]
         cells = [f"{np.mean([row[k] for row in chosen if k in row]):.4f}" if any(k in row for row in chosen) else "-"
@@ -69,11 +66,26 @@ def write_results(rows: list[dict], output: Path) -> str:
                                   "labelled pixels that stay labelled for training (below 1 after a filter). seconds_per_kept: the set's "
                                   "generation wall time over the pairs kept from it (all variants generated count).\n")
     atomic_write_bytes(output / "summary.md", summary.encode())
-    figure = Figure(figsize=(1.6 + 1.3 * len(conditions), 3.4))
-    axes = figure.add_subplot(1, 1, 1)
-    axes.bar(range(len(conditions)), means, yerr=spreads, capsize=4, color="#4c72b0")
-    axes.set_xticks(range(len(conditions)), conditions, rotation=20, ha="right", fontsize=8)
-    axes.set_ylabel("val mIoU (%)")
-    axes.set_title("train on real -> generate -> retrain (mean ± std over seeds)", fontsize=9)
-    save_figure(figure, output / "miou.png")
+    save_figure(paired_change_figure(rows, conditions), output / "miou.png")
     return summary
+
+
+def paired_change_figure(rows: list[dict], conditions: list[str]) -> Figure:
+    """One line per training set: its val mIoU change against real only, each seed a dot and the
+    mean ± std over seeds a bar, real only's mIoU in the title. Paired changes, not mIoU bars from
+    zero: the seed-to-seed spread of real only would hide differences of a few points."""
+    sets = [c for c in conditions if c != REAL_ONLY]
+    figure = Figure(figsize=(7.5, 1.0 + 0.28 * len(sets)))
+    axes = figure.add_subplot(1, 1, 1)
+    for line, condition in enumerate(sets):
+        changes = paired_changes(rows, condition, REAL_ONLY)
+        axes.scatter(changes, [line] * len(changes), s=12, color="#999999", zorder=2)
+        axes.errorbar(np.mean(changes), line, xerr=np.std(changes), fmt="o", color="#4c72b0", capsize=3, zorder=3)
+    axes.axvline(0, color="black", linewidth=0.8)
+    axes.set_yticks(range(len(sets)), sets, fontsize=7)
+    axes.invert_yaxis()  # table order, top to bottom
+    axes.set_xlabel("val mIoU change against real only, same seed (points)")
+    real = np.array([row["val_miou"] for row in rows if row["condition"] == REAL_ONLY]) * 100
+    axes.set_title(f"real only {real.mean():.1f} ± {real.std():.1f} mIoU; grey: seeds, blue: mean ± std", fontsize=9)
+    figure.tight_layout()
+    return figure
