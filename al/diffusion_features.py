@@ -81,30 +81,34 @@ class DiffusionFeatureExtractor:
             self._noise = torch.randn(like.shape[1:], generator=generator)
         return self._noise.to(like.device, like.dtype)
 
-    def features(self, images: Tensor, size: Optional[tuple[int, int]] = None) -> Tensor:
-        """Differentiable w.r.t. ``images`` (for guidance); :meth:`__call__` is the no-grad form.
-        Shape: ``images [N, 3, H, W] in [0, 1] -> [N, D, *size]`` (default size: ``H, W``)."""
-        size = tuple(size or images.shape[-2:])
+    def activations(self, images: Tensor) -> list[Tensor]:
+        """The hooked blocks' outputs at their own resolution, block after block within each
+        timestep: the order of the feature channels. Shape: ``images [N, 3, H, W] in [0, 1] ->
+        [N, C_i, h_i, w_i]`` per (timestep, block)."""
         x0 = self.encode(images)
         captured: list[Tensor] = []
         hooks = [m.register_forward_hook(lambda _m, _i, out: captured.append(out[0] if isinstance(out, tuple) else out))
                  for m in self._modules]
-        features = []
         try:
             for t in self.config.timesteps:
                 timestep = torch.full((len(images),), t, device=images.device, dtype=torch.long)
                 noisy = self.scheduler.add_noise(x0, self.noise(x0).expand_as(x0), timestep)
-                captured.clear()
                 if self.encoder_hidden_states is not None:
                     states = self.encoder_hidden_states.to(noisy.device, noisy.dtype).expand(len(images), -1, -1)
                     self.unet(noisy, timestep, encoder_hidden_states=states)
                 else:
                     self.unet(noisy, timestep)
-                features += [F.interpolate(c.float(), size=size, mode="bilinear", align_corners=False) for c in captured]
         finally:
             for hook in hooks:
                 hook.remove()
-        return torch.cat(features, dim=1)
+        return [c.float() for c in captured]
+
+    def features(self, images: Tensor, size: Optional[tuple[int, int]] = None) -> Tensor:
+        """Differentiable w.r.t. ``images`` (for guidance); :meth:`__call__` is the no-grad form.
+        Shape: ``images [N, 3, H, W] in [0, 1] -> [N, D, *size]`` (default size: ``H, W``)."""
+        size = tuple(size or images.shape[-2:])
+        return torch.cat([F.interpolate(a, size=size, mode="bilinear", align_corners=False)
+                          for a in self.activations(images)], dim=1)
 
     @torch.no_grad()
     def __call__(self, images: Tensor, size: Optional[tuple[int, int]] = None) -> Tensor:
@@ -161,16 +165,33 @@ def load_feature_extractor(pretrained_model_name_or_path: str, config: Optional[
     return DiffusionFeatureExtractor(unet, scheduler, config, encode, states, factor)
 
 
+def upsampled_at(maps: Tensor, rows: Tensor, cols: Tensor, size: tuple[int, int]) -> Tensor:
+    """``F.interpolate(maps[None], size, mode="bilinear", align_corners=False)[0, :, rows, cols].T``
+    without upsampling: the bilinear values at just those pixels.
+    Shape: ``maps [C, h, w], rows and cols [P] (pixels of the ``size`` grid) -> [P, C]``."""
+    # grid_sample (align_corners=False) reads normalised g at input coordinate ((g + 1) h - 1) / 2;
+    # g = (2 row + 1) / H - 1 makes that (row + 0.5) h / H - 0.5, interpolate's source of output row
+    # `row`. "border" clamps it below at 0 as interpolate does, and above at h - 1, where interpolate
+    # blends row h - 1 with itself: the same value.
+    grid = torch.stack([(2 * cols + 1) / size[1] - 1, (2 * rows + 1) / size[0] - 1], dim=-1)
+    sampled = F.grid_sample(maps[None], grid[None, None].to(maps.dtype), mode="bilinear", padding_mode="border",
+                            align_corners=False)  # [1, C, 1, P]
+    return sampled[0, :, 0].T
+
+
+@torch.no_grad()
 def sample_pixels(
-    extractor: Callable[[Tensor], Tensor],
+    activations: Callable[[Tensor], list[Tensor]],
     batches: Iterable[tuple[Tensor, Tensor]],
     pixels_per_image: int,
     budget_bytes: int,
     ignore_index: int = 255,
     generator: Optional[torch.Generator] = None,
 ) -> tuple[Tensor, Tensor]:
-    """Training pixels: up to ``pixels_per_image`` labelled pixels of each image, features in
-    float16, streamed batch by batch so memory never holds more than one batch's dense features.
+    """Training pixels: up to ``pixels_per_image`` labelled pixels of each image with their
+    features in float16, streamed batch by batch. ``activations`` is
+    :meth:`DiffusionFeatureExtractor.activations`: the features are interpolated at the chosen
+    pixels only (:func:`upsampled_at`), so no image's feature map is ever upsampled whole.
 
     When more pixels arrive than ``budget_bytes`` of fp16 features hold, a uniform sample of all
     of them is kept (reservoir sampling), so memory is bounded whatever the number of images.
@@ -181,23 +202,29 @@ def sample_pixels(
     labels: Optional[Tensor] = None
     filled = seen = 0
     for images, targets in batches:
-        dense = extractor(images)  # [B, D, H, W] for this batch only
+        maps = activations(images)  # [B, C_i, h_i, w_i] per (timestep, block), at the blocks' resolution
         if buffer is None:
-            capacity = budget_bytes // (dense.shape[1] * 2)
+            dim = sum(m.shape[1] for m in maps)
+            capacity = budget_bytes // (dim * 2)
             if capacity < 1:
-                raise MemoryError(f"the feature budget of {budget_bytes} bytes holds no {dense.shape[1]}-dim pixel")
-            buffer = torch.empty(0, dense.shape[1], dtype=torch.float16)
-            labels = torch.empty(0, dtype=torch.long)
+                raise MemoryError(f"the feature budget of {budget_bytes} bytes holds no {dim}-dim pixel")
+            # allocated once at the budget's size rather than grown by concatenation (which
+            # holds the old and the new copy at once); the OS backs pages only as rows are written
+            buffer = torch.empty(capacity, dim, dtype=torch.float16)
+            labels = torch.empty(capacity, dtype=torch.long)
+        width = targets.shape[-1]
         for b in range(len(images)):
             flat = targets[b].reshape(-1)
             index = (flat != ignore_index).nonzero().squeeze(1)
             if index.numel() > pixels_per_image:
                 index = index[torch.randperm(index.numel(), generator=generator)[:pixels_per_image]]
-            chosen = dense[b].flatten(1)[:, index.to(dense.device)].T.to(torch.float16).cpu()  # [p, D]
+            rows, cols = (index // width).to(images.device), (index % width).to(images.device)
+            chosen = torch.cat([upsampled_at(m[b], rows, cols, targets.shape[-2:]) for m in maps], dim=1)
+            chosen = chosen.to(torch.float16).cpu()  # [p, D]
             classes = flat[index].cpu().long()
             room = min(capacity - filled, len(chosen))
             if room > 0:  # the reservoir is not full yet: keep everything
-                buffer, labels = torch.cat([buffer, chosen[:room]]), torch.cat([labels, classes[:room]])
+                buffer[filled:filled + room], labels[filled:filled + room] = chosen[:room], classes[:room]
                 filled, seen = filled + room, seen + room
                 chosen, classes = chosen[room:], classes[room:]
             if len(chosen):  # candidate j replaces slot r_j ~ U{0, ..., seen + j} when r_j < capacity
@@ -212,7 +239,7 @@ def sample_pixels(
                 seen += len(chosen)
     if buffer is None:
         raise ValueError("no images to sample training pixels from")
-    return buffer, labels
+    return buffer[:filled], labels[:filled]
 
 
 @dataclass
@@ -377,7 +404,7 @@ class DiffusionFeatureSegmenter(nn.Module):
         they exceed the feature budget) and train every member; returns each member's iterations."""
         device = next(self.ensemble.parameters()).device
         features, labels = sample_pixels(
-            self.extractor, ((images.to(device), targets) for images, targets in batches), self.config.pixels_per_image,
+            self.extractor.activations, ((images.to(device), targets) for images, targets in batches), self.config.pixels_per_image,
             self.config.feature_budget_mb * 2**20, ignore_index, generator)
         if len(labels) < 2:
             raise ValueError(f"the pixel ensemble needs at least 2 labelled pixels, got {len(labels)}")

@@ -47,7 +47,7 @@ def worker(variant: str, count: int, args, queue) -> None:
     base = rss_mb()
     start = time.perf_counter()
     if variant == "ours":
-        features, labels = sample_pixels(extractor, batches, args.pixels_per_image, args.budget_mb * 2**20,
+        features, labels = sample_pixels(extractor.activations, batches, args.pixels_per_image, args.budget_mb * 2**20,
                                          generator=torch.Generator().manual_seed(0))
     else:  # the reference: dense float32 features of every pixel, all in memory, then flattened
         dense = torch.cat([extractor(batch) for batch, _ in batches])  # [N, D, H, W] float32
@@ -57,7 +57,24 @@ def worker(variant: str, count: int, args, queue) -> None:
     extracted = time.perf_counter() - start
     ensemble.fit(features, labels)
     seconds = time.perf_counter() - start
-    queue.put((variant, count, extracted, seconds, rss_mb() - base, len(labels), features.dtype == torch.float16))
+    extra, pixels = rss_mb() - base, len(labels)
+    del features, labels
+    queue.put((variant, count, extracted, seconds, extra, pixels, val_miou(extractor, ensemble, args)))
+
+
+def val_miou(extractor, ensemble, args) -> float:
+    """mIoU of the ensemble's majority vote on held-out val scenes (after the memory reading)."""
+    from al.data import DigitScenesConfig, digit_scenes
+    from al.diffusion_features import majority_vote
+    from al.metrics import SegmentationScores, confusion_matrix
+
+    dataset = digit_scenes(DigitScenesConfig(num_images=args.val_images, size=args.size, split="val"))
+    images = torch.from_numpy(dataset.images).permute(0, 3, 1, 2).float().div(255)
+    masks = torch.from_numpy(dataset.masks).long()
+    confusion = sum(confusion_matrix(majority_vote(ensemble.mc_probs(extractor(images[i:i + args.batch]))),
+                                     masks[i:i + args.batch], dataset.num_classes)
+                    for i in range(0, len(images), args.batch))
+    return SegmentationScores.from_confusion(confusion).miou
 
 
 def main() -> None:
@@ -70,10 +87,12 @@ def main() -> None:
     parser.add_argument("--budget-mb", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--val-images", type=int, default=20, help="held-out scenes the mIoU is measured on")
     args = parser.parse_args()
     context = mp.get_context("spawn")
     results = {}
-    print(f"{'variant':<10} {'images':>6} {'pixels':>9} {'extract s':>9} {'total s':>8} {'peak extra MB':>13}")
+    print(f"{'variant':<10} {'images':>6} {'pixels':>9} {'extract s':>9} {'total s':>8} {'peak extra MB':>13} "
+          f"{'val mIoU':>8}")
     for count in args.images:
         for variant in ("reference", "ours"):
             queue = context.Queue()
@@ -81,13 +100,14 @@ def main() -> None:
             process.start()
             result = queue.get()
             process.join()
-            _, _, extracted, seconds, extra, pixels, _ = result
+            _, _, extracted, seconds, extra, pixels, miou = result
             results[variant, count] = result
-            print(f"{variant:<10} {count:>6} {pixels:>9} {extracted:>9.1f} {seconds:>8.1f} {extra:>13.0f}")
+            print(f"{variant:<10} {count:>6} {pixels:>9} {extracted:>9.1f} {seconds:>8.1f} {extra:>13.0f} {miou:>8.3f}")
     for count in args.images:
         memory = results["ours", count][4] / max(results["reference", count][4], 1.0)
         time_ratio = results["ours", count][3] / results["reference", count][3]
-        print(f"{count} images: ours / reference peak extra memory {memory:.3f}, time {time_ratio:.2f}")
+        print(f"{count} images: ours / reference peak extra memory {memory:.3f}, time {time_ratio:.2f}, "
+              f"val mIoU {results['ours', count][6]:.3f} vs {results['reference', count][6]:.3f}")
     at = 50 if 50 in args.images else args.images[0]
     print(f"ratio: {results['ours', at][4] / max(results['reference', at][4], 1.0):.3f}")
 

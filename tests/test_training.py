@@ -13,7 +13,7 @@ from scripts.train_controlnet import main as cli_main
 
 QUICK = ["data.num_train_images=8", "data.num_val_images=2", "data.size=32", "architecture.unet_channels=[8,16]",
          "architecture.vae_channels=[8,16]", "architecture.conditioning_embedding_out_channels=[8,16]",
-         "architecture.text_max_length=24", "vae_steps=2", "vae_batch_size=4", "train_batch_size=4",
+         "architecture.text_max_length=24", "vae_steps=2", "vae_decoder_steps=2", "vae_batch_size=4", "train_batch_size=4",
          "max_train_steps=4", "checkpointing_steps=2", "validation_steps=0", "lr_warmup_steps=1", "progress=false"]
 
 
