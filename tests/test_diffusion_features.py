@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
 
 from al.diffusion_features import (
@@ -15,6 +16,7 @@ from al.diffusion_features import (
     PixelEnsemble,
     majority_vote,
     sample_pixels,
+    upsampled_at,
 )
 from al.scores import SCORES
 from guidedgen.components import tiny_components
@@ -66,11 +68,53 @@ def test_pixel_sampling_is_half_precision_and_per_image(pixel_unet):
     extractor = DiffusionFeatureExtractor(pixel_unet, DDPMScheduler(), FeatureConfig(timesteps=[50]))
     targets = torch.full((2, 32, 32), 255)
     targets[0, :4, :4] = 1  # 16 labelled pixels in image 0, none in image 1
-    features, labels = sample_pixels(extractor, [(torch.rand(2, 3, 32, 32), targets)], pixels_per_image=10,
+    features, labels = sample_pixels(extractor.activations, [(torch.rand(2, 3, 32, 32), targets)], pixels_per_image=10,
                                      budget_bytes=10**6, generator=torch.Generator().manual_seed(0))
     assert features.dtype == torch.float16 and features.shape == (10, 24) and (labels == 1).all()
     with pytest.raises(MemoryError, match="feature budget"):
-        sample_pixels(extractor, [(torch.rand(2, 3, 32, 32), targets)], 10, budget_bytes=10)
+        sample_pixels(extractor.activations, [(torch.rand(2, 3, 32, 32), targets)], 10, budget_bytes=10)
+
+
+@pytest.mark.parametrize("low, size", [((4, 4), (16, 16)), ((5, 7), (13, 17)), ((8, 8), (8, 8)), ((3, 3), (97, 61))])
+def test_interpolating_at_pixels_equals_upsampling_then_indexing(low, size):
+    generator = torch.Generator().manual_seed(0)
+    maps = torch.randn(6, *low, generator=generator)
+    rows, cols = torch.meshgrid(torch.arange(size[0]), torch.arange(size[1]), indexing="ij")  # borders included
+    rows, cols = rows.reshape(-1), cols.reshape(-1)
+    dense = F.interpolate(maps[None], size=size, mode="bilinear", align_corners=False)[0, :, rows, cols].T
+    # both blend the same 4 corners with weights summing to 1, from source coordinates (< h) rounded
+    # in different float32 orders: weights differ by a few ulps of h, values by that times 2 max|v|,
+    # plus the blend's own few eps (measured: <= 3.7 eps32 max|v|)
+    tolerance = (4 * max(low) + 4) * torch.finfo(torch.float32).eps * maps.abs().max()
+    assert (upsampled_at(maps, rows, cols, size) - dense).abs().max() <= tolerance
+
+
+def test_sampled_pixels_are_the_dense_features_at_the_same_pixels(pixel_unet):
+    # the previous path upsampled each batch's maps whole, then indexed the sampled pixels; the same
+    # seed must pick the same pixels, and their features differ by the float32 interpolations'
+    # difference (the bound above, for blocks of <= 16 rows) plus the one fp16 rounding step it can
+    # flip (<= 1 fp16 ulp = 2^-10 relative)
+    extractor = DiffusionFeatureExtractor(pixel_unet, DDPMScheduler(), FeatureConfig(timesteps=[50, 150]))
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    targets = torch.randint(0, 4, (3, 32, 32), generator=torch.Generator().manual_seed(2))
+    targets[1, 8:] = 255  # image 1 is partly labelled: 256 labelled pixels, fewer than asked for
+    batches = [(images[:2], targets[:2]), (images[2:], targets[2:])]
+    features, labels = sample_pixels(extractor.activations, batches, pixels_per_image=300, budget_bytes=10**6,
+                                     generator=torch.Generator().manual_seed(0))
+    generator, expected, expected_labels = torch.Generator().manual_seed(0), [], []
+    dense = extractor(images)
+    for b in range(3):
+        flat = targets[b].reshape(-1)
+        index = (flat != 255).nonzero().squeeze(1)
+        if index.numel() > 300:
+            index = index[torch.randperm(index.numel(), generator=generator)[:300]]
+        expected.append(dense[b].flatten(1)[:, index].T.half())
+        expected_labels.append(flat[index])
+    assert torch.equal(labels, torch.cat(expected_labels)) and features.shape == (300 + 256 + 300, 48)
+    interpolation = (4 * 16 + 4) * torch.finfo(torch.float32).eps * dense.abs().max().item()
+    torch.testing.assert_close(features.float(), torch.cat(expected).float(), rtol=2**-10, atol=interpolation)
+    again, _ = sample_pixels(extractor.activations, batches, 300, 10**6, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again, features)
 
 
 def test_pixel_sampling_keeps_a_uniform_sample_inside_the_budget():
@@ -79,7 +123,7 @@ def test_pixel_sampling_keeps_a_uniform_sample_inside_the_budget():
     images = torch.arange(40.0).view(40, 1, 1, 1).expand(40, 1, 10, 5)
     targets = (torch.arange(40) % 3).view(40, 1, 1).expand(40, 10, 5)
     batches = [(images[i:i + 8], targets[i:i + 8]) for i in range(0, 40, 8)]
-    features, labels = sample_pixels(lambda x: x, batches, pixels_per_image=50, budget_bytes=400,
+    features, labels = sample_pixels(lambda x: [x], batches, pixels_per_image=50, budget_bytes=400,
                                      generator=torch.Generator().manual_seed(0))
     assert features.shape == (200, 1) and features.numel() * features.element_size() <= 400
     source = features[:, 0].long()
