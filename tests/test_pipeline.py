@@ -230,7 +230,7 @@ def test_instance_mode_variants_and_recipes_in_the_pipeline(tmp_path):
     entropy = {s: float(by_name[f"real + entropy_instance{s}"]["objective_entropy"]) for s in ("", " resampled")}
     assert entropy[""] != entropy[" resampled"]  # the resampled set keeps lower-entropy variants too
     shared = tmp_path / "shared" / "generated" / "unguided_instance"
-    records = [json.loads(line) for line in open(shared / "metadata.jsonl")]
+    records = [json.loads(line) for line in (shared / "metadata.jsonl").read_text().splitlines()]
     units = int(by_name["real + unguided_instance"]["synthetic_samples"])
     assert len(records) == 2 * units and {r["instance"]["variant"] for r in records} == {0, 1}
     assert not (tmp_path / "seed_0" / "generated" / "unguided_instance").exists()  # shared, not per seed
