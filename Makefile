@@ -69,9 +69,9 @@ pipeline-digits: $(STAMP)
 pipeline-benchmark: $(STAMP)
 	$(PY) scripts/pipeline.py --config configs/pipeline_digits3.yaml
 
-# docs/results/few_labels_digits.md (issue 5): 5/10/20 labelled scenes x 3 seeds, diffusion features vs smp; resumable.
+# docs/results/few_labels_digits3.md (issue 30): 5/10/20 labelled DigitScenes-3 scenes x 3 seeds, diffusion features vs smp, with the dense ceiling; resumable.
 few-labels-benchmark: $(STAMP)
-	$(PY) scripts/few_labels.py --config configs/few_labels_digits.yaml
+	$(PY) scripts/few_labels.py --config configs/few_labels_digits3.yaml
 
 # docs/results/controlnet_digits.md: retrain the DigitScenes SD + ControlNet into outputs/controlnet_digits/ (about 86 min; resumes).
 controlnet-train: $(STAMP)

@@ -14,6 +14,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -39,6 +40,16 @@ from al.train import (
 )
 
 DIFFUSION_FEATURES = "diffusion features"
+DENSE_CEILING = "dense ceiling"
+
+
+@dataclass
+class DenseCeilingConfig:
+    """The reference every few-label model is read against: one of the smp segmenters trained on
+    all ``data.num_train_images`` dense scenes, per seed."""
+
+    segmenter: Optional[str] = None  # a name in ``segmenters``; None: no ceiling
+    train_steps: int = 1344
 
 
 @dataclass
@@ -52,6 +63,7 @@ class FewLabelsConfig:
     segmenters: dict[str, ModelConfig] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
     train_steps: int = 400
+    dense_ceiling: DenseCeilingConfig = field(default_factory=DenseCeilingConfig)
     progress: bool = True
     overwrite: bool = False  # replace cells computed with other settings (refused otherwise)
 
@@ -63,9 +75,20 @@ class FewLabelsConfig:
         require(DIFFUSION_FEATURES not in self.segmenters, "segmenters", list(self.segmenters),
                 f"names other than {DIFFUSION_FEATURES!r}")
         require(self.train_steps >= 1, "train_steps", self.train_steps, "an integer >= 1")
+        require(self.dense_ceiling.segmenter in (None, *self.segmenters), "dense_ceiling.segmenter",
+                self.dense_ceiling.segmenter, f"null or one of {list(self.segmenters)}")
+        require(self.dense_ceiling.train_steps >= 1, "dense_ceiling.train_steps", self.dense_ceiling.train_steps,
+                "an integer >= 1")
 
     def models(self) -> list[str]:
         return [DIFFUSION_FEATURES, *self.segmenters]
+
+    def cells(self) -> list[tuple[str, int, int]]:
+        """(model, labelled images, seed) of every cell; the dense ceiling's read all training scenes."""
+        cells = [(m, n, s) for s in self.seeds for n in self.label_counts for m in self.models()]
+        if self.dense_ceiling.segmenter is not None:
+            cells += [(DENSE_CEILING, self.data.num_train_images, s) for s in self.seeds]
+        return cells
 
 
 def _cell_path(output: Path, model: str, count: int, seed: int) -> Path:
@@ -86,8 +109,11 @@ def train_cell(config: FewLabelsConfig, model_name: str, count: int, seed: int, 
         model.fit(((b["image"], b["target"]) for b in loader), train_set.ignore_index,
                   torch.Generator().manual_seed(seed))
     else:
+        steps = config.train_steps
+        if model_name == DENSE_CEILING:
+            model_name, steps = config.dense_ceiling.segmenter, config.dense_ceiling.train_steps
         model = config.segmenters[model_name].build(train_set.num_classes).to(device)
-        epochs = math.ceil(config.train_steps * config.train.batch_size / count)
+        epochs = math.ceil(steps * config.train.batch_size / count)
         train_config = replace(config.train, epochs=epochs, seed=seed)
         train_segmenter(model, labelled, train_config, train_set.ignore_index, progress=False,
                         transforms=data.transforms)
@@ -98,6 +124,9 @@ def cell_identity(config: dict, model_name: str) -> dict:
     """What one cell's mIoU depends on: the settings but the grid's extent (seeds, counts, other
     models) and where and how visibly it runs."""
     values = identity(config, ("output_dir", "progress", "overwrite", "label_counts", "seeds"))
+    ceiling = values.pop("dense_ceiling", None) or {}
+    if model_name == DENSE_CEILING:  # a ceiling cell depends on its own segmenter and budget only
+        model_name, values["train_steps"] = ceiling["segmenter"], ceiling["train_steps"]
     values["segmenter"] = values.pop("segmenters", {}).get(model_name)  # None: the diffusion-feature ensemble
     return values
 
@@ -107,7 +136,7 @@ def run_few_labels(config: FewLabelsConfig) -> str:
     config.validate()
     output = Path(config.output_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cells = [(m, n, s) for s in config.seeds for n in config.label_counts for m in config.models()]
+    cells = config.cells()
     for model_name, count, seed in tqdm(cells, desc="few labels", disable=not config.progress):
         path = _cell_path(output, model_name, count, seed)
         recorded = cell_identity(json.loads(path.read_text())["config"], model_name) if path.exists() else None
@@ -140,6 +169,13 @@ def write_results(config: FewLabelsConfig, rows: list[dict], output: Path) -> st
             spreads.append(np.std(values))
         lines.append(f"| {model_name} | " + " | ".join(f"{m:.1f} ± {s:.1f}" for m, s in zip(means, spreads)) + " |")
         axes.errorbar(config.label_counts, means, yerr=spreads, marker="o", capsize=3, label=model_name)
+    ceiling = [100 * r["miou"] for r in rows if r["model"] == DENSE_CEILING]
+    if ceiling:
+        mean, spread = np.mean(ceiling), np.std(ceiling)
+        name = f"{DENSE_CEILING} ({config.dense_ceiling.segmenter}, {config.data.num_train_images} images)"
+        lines.append(f"| {name} | " + " | ".join([f"{mean:.1f} ± {spread:.1f}"] * len(config.label_counts)) + " |")
+        axes.axhline(mean, color="black", linestyle="--", linewidth=1, label=name)
+        axes.axhspan(mean - spread, mean + spread, color="black", alpha=0.1)
     axes.set(xlabel="densely labelled images", ylabel="val mIoU (%)", xticks=config.label_counts,
              title=f"{config.data.kind}: mean ± std over {len(config.seeds)} seeds")
     axes.legend(fontsize=8)

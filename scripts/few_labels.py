@@ -1,6 +1,6 @@
 """Few densely labelled images: diffusion-feature pixel ensemble vs smp segmenters.
 
-    python scripts/few_labels.py --config configs/few_labels_digits.yaml [key=value ...]
+    python scripts/few_labels.py --config configs/few_labels_digits3.yaml [key=value ...]
 
 Re-running with the same output_dir resumes; results.csv, summary.md and miou.png are rebuilt.
 """
