@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # (17 min instead of ~2 seen under load); two threads, the machine's cores.
 TEST_ENV := OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=2
 
-.PHONY: demo augment-demo augment-benchmark al-demo al-benchmark al-digits pipeline-digits pipeline-benchmark \
+.PHONY: demo augment-demo augment-benchmark al-demo al-benchmark balent-study al-digits pipeline-digits pipeline-benchmark \
 	few-labels-benchmark controlnet-train benchmarks test test-fast install clean
 
 install: $(STAMP)
@@ -52,6 +52,21 @@ al-demo: $(STAMP)
 # dense ceiling; resumable (re-run to continue). About 80 minutes on 2 CPU cores.
 al-benchmark: $(STAMP)
 	$(PY) scripts/active_learning.py --config configs/al_digits3.yaml
+
+# docs/results/balent_study.md (issue 30.3): where BalEnt stands against margin, entropy and random
+# when one AL setting of the benchmark changes (3 seeds each): the paper's budget (5 px/image/cycle,
+# 10 cycles), the PixelPick selection rule, K = 50 MC samples, dropout 0.5. The benchmark's own run
+# (docs/results/al_digits3_curve.csv) is the reference. Resumable; about 3.5 h on 2 CPU cores.
+STUDY := outputs/balent_study
+AL3 := $(PY) scripts/active_learning.py --config configs/al_digits3.yaml supervised_reference=false
+balent-study: $(STAMP)
+	$(AL3) output_dir=$(STUDY)/n5_c10 'acquisitions=[balent,margin,entropy,random]' loop.pixels_per_image=5 loop.cycles=10
+	$(AL3) output_dir=$(STUDY)/pixelpick 'acquisitions=[balent,margin,entropy]' loop.selection=pixelpick
+	$(AL3) output_dir=$(STUDY)/k50 'acquisitions=[balent,margin,entropy]' loop.mc_samples=50
+	$(AL3) output_dir=$(STUDY)/dropout05 'acquisitions=[balent,margin,entropy,random]' loop.model.dropout=0.5
+	$(PY) scripts/compare_settings.py benchmark=docs/results/al_digits3_curve.csv n5_c10=$(STUDY)/n5_c10/curve.csv \
+		pixelpick=$(STUDY)/pixelpick/curve.csv k50=$(STUDY)/k50/curve.csv dropout05=$(STUDY)/dropout05/curve.csv \
+		--random-from pixelpick=benchmark k50=benchmark --plot docs/results/balent_study.png
 
 # docs/results/al_digits.md, the older ten-class AL experiment: 7 acquisitions x 3 seeds, then BalEnt on the diffusion-feature ensemble.
 al-digits: $(STAMP)
