@@ -56,7 +56,8 @@ al-benchmark: $(STAMP)
 # docs/results/balent_study.md (issue 30.3): where BalEnt stands against margin, entropy and random
 # when one AL setting of the benchmark changes (3 seeds each): the paper's budget (5 px/image/cycle,
 # 10 cycles), the PixelPick selection rule, K = 50 MC samples, dropout 0.5. The benchmark's own run
-# (docs/results/al_digits3_curve.csv) is the reference. Resumable; about 3.5 h on 2 CPU cores.
+# (docs/results/al_digits3_curve.csv) is the reference. Resumable; its four runs took 59, 23, 25 and
+# 32 min at one thread each (two side by side on 2 cores: 1.5 h).
 STUDY := outputs/balent_study
 AL3 := $(PY) scripts/active_learning.py --config configs/al_digits3.yaml supervised_reference=false
 balent-study: $(STAMP)
