@@ -4,7 +4,13 @@ from dataclasses import asdict, replace
 
 import pytest
 
-from al.few_labels import DENSE_CEILING, DIFFUSION_FEATURES, DenseCeilingConfig, FewLabelsConfig, cell_identity
+from al.few_labels import (
+    DENSE_CEILING,
+    DIFFUSION_FEATURES,
+    DenseCeilingConfig,
+    FewLabelsConfig,
+    cell_identity,
+)
 from al.models import ModelConfig
 
 
