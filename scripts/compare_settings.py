@@ -71,16 +71,15 @@ def plot_settings(settings: dict[str, tuple[int, dict]], path: str) -> None:
     axes = figure.add_subplot(1, 1, 1)
     width = 0.8 / len(acquisitions)
     for index, acquisition in enumerate(acquisitions):
-        colour = f"C{index}"
+        colour, label = f"C{index}", acquisition  # the legend names each acquisition once
         for position, (_, final) in enumerate(settings.values()):
             if acquisition not in final:
                 continue
             x = position - 0.4 + width * (index + 0.5)
             values = list(final[acquisition].values())
             axes.scatter([x] * len(values), values, s=10, color=colour, alpha=0.6)
-            axes.hlines(np.mean(values), x - width / 2, x + width / 2, color=colour, linewidth=2,
-                        label=acquisition if position == min(i for i, (_, f) in enumerate(settings.values())
-                                                             if acquisition in f) else None)
+            axes.hlines(np.mean(values), x - width / 2, x + width / 2, color=colour, linewidth=2, label=label)
+            label = None
     axes.set_xticks(range(len(settings)), list(settings), fontsize=8)
     axes.set(ylabel="val mIoU (%) at the last cycle", title="seeds as dots, mean as a bar")
     axes.legend(fontsize=7, ncol=2)

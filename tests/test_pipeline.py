@@ -21,13 +21,13 @@ TINY = ["seeds=[0]", "data.num_train_images=4", "data.num_val_images=2", "data.s
 def test_pipeline_writes_every_stage_and_resumes_without_recomputing(tmp_path, capsys):
     args = ["--config", "configs/pipeline_digits.yaml", f"output_dir={tmp_path}", *TINY]
     assert cli_main(args) == 0
-    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    rows = list(csv.DictReader((tmp_path / "results.csv").read_text().splitlines()))
     assert [r["condition"] for r in rows] == ["real only", "real + unguided", "real + entropy", "real + committee",
                                               "real + expected_model_change"]
     assert all(0 <= float(r["val_miou"]) <= 1 for r in rows)
     assert all(r["synthetic_samples"] == "4" for r in rows[1:])  # one per real mask
     assert {"objective_entropy", "objective_committee", "objective_expected_model_change"} <= set(rows[1])
-    seconds = {r["stage"]: float(r["seconds"]) for r in csv.DictReader(open(tmp_path / "stages.csv"))}
+    seconds = {r["stage"]: float(r["seconds"]) for r in csv.DictReader((tmp_path / "stages.csv").read_text().splitlines())}
     assert float(rows[2]["seconds_per_kept"]) == pytest.approx(seconds["seed 0: generate entropy"] / 4)
     for name in ("summary.md", "miou.png", "sets.png", "stages.csv"):
         assert (tmp_path / name).exists()
@@ -132,7 +132,7 @@ def test_variants_snapshot_committee_and_label_filter(tmp_path):
             f"judge={judge}", "label_filter=true", "loss_filter=true",
             "loss_filter_margin=1.0"]  # a 1-epoch model reads every pixel at about ln(11): no pixel is 1.25x its mean
     assert cli_main(args) == 0
-    rows = list(csv.DictReader(open(tmp_path / "run" / "results.csv")))
+    rows = list(csv.DictReader((tmp_path / "run" / "results.csv").read_text().splitlines()))
     assert [r["condition"] for r in rows] == ["real only"] + [f"real + {c}{f}" for c in
                                                               ("unguided", "entropy_late", "committee_snapshots")
                                                               for f in ("", " filtered", " loss-filtered")]
@@ -210,7 +210,7 @@ def test_instance_mode_variants_and_recipes_in_the_pipeline(tmp_path):
             "conditions=[unguided,unguided_instance,entropy_instance]", "hardness_resampling=true",
             "variants={unguided_instance: {mode: instance}, entropy_instance: {objective: entropy, mode: instance}}"]
     assert cli_main(args) == 0
-    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    rows = list(csv.DictReader((tmp_path / "results.csv").read_text().splitlines()))
     assert [r["condition"] for r in rows] == ["real only"] + [f"real + {c}{s}{r}" for c in
                                                               ("unguided", "unguided_instance", "entropy_instance")
                                                               for s in ("", " resampled") for r in ("", " (finetune)")]
