@@ -39,6 +39,7 @@ from guidedgen.components import (
 )
 from guidedgen.controls import CONTROL_DETECTORS
 from guidedgen.guidance import OBJECTIVES, LastLayerGuide, build_objective
+from guidedgen.guidance_decoder import FULL_VAE, decoder_location, load_guidance_decoder
 from guidedgen.instances import Instance, InstanceConfig, find_instances, instance_mask, make_crop, paste
 from guidedgen.palette import (
     DEFAULT_NEGATIVE_PROMPT,
@@ -72,6 +73,10 @@ class GuidanceConfig:
     # The objective sees the x0 estimate decoded at 1/n resolution (guidedgen.resolution): about
     # n^2 less decoder and segmenter work per guided step; 1 = full resolution, the exact path
     decode_downsample: int = 1
+    # What decodes the x0 estimate for the objective: "vae" (the full VAE, exact), or an
+    # AutoencoderTiny folder or hub id (guidedgen.guidance_decoder): cheaper per guided step.
+    # Final images are always decoded by the full VAE
+    decoder: str = FULL_VAE
     segmenters: list[str] = field(default_factory=list)  # saved models (al.models.load_model): segmenters or a pixel ensemble
     # the objective's own keyword arguments, e.g. {kind: vote_entropy} for committee, {labels:
     # sampled} for expected_model_change, {k: 16} for mc_dropout_std; unset = its defaults
@@ -152,6 +157,8 @@ class GenerateConfig:
                 f"one of {GRADIENT_PATHS}")
         require(isinstance(self.guidance.decode_downsample, int) and self.guidance.decode_downsample >= 1,
                 "guidance.decode_downsample", self.guidance.decode_downsample, "an integer >= 1 (1 = full resolution)")
+        if self.guidance.decoder != FULL_VAE:
+            decoder_location(self.guidance.decoder)
         require(self.guidance.normalize in NORMALISATIONS, "guidance.normalize", self.guidance.normalize, f"one of {NORMALISATIONS}")
         require(self.guidance.strength == 0 or self.guidance.objective is None or len(self.guidance.segmenters) > 0,
                 "guidance.segmenters", self.guidance.segmenters, "at least one segmenter folder when strength > 0")
@@ -204,6 +211,8 @@ class GenerateConfig:
         values["guidance"].update(committee_kind="kl", emc_labels="mask", mc_samples=8)
         if options:
             values["guidance"]["options"] = options
+        if self.guidance.decoder == FULL_VAE:  # sets written before the key existed keep their identity
+            values["guidance"].pop("decoder")
         return values
 
 
@@ -230,6 +239,7 @@ def build_sampler(config: GenerateConfig, components: Components, palette: Palet
         config.guidance_scale, config.controlnet_conditioning_scale, config.negative_prompt,
         negative_mask_fill=negative_mask_fill(config.negative_mask, list(palette.classes), ignore_index),
         decode_downsample=guidance.decode_downsample, vae_gradient_checkpointing=config.vae_gradient_checkpointing, vae_slicing=config.vae_slicing,
+        guidance_decoder=load_guidance_decoder(guidance.decoder, components.vae, config.components.local_files_only),
         progress=config.progress,  # a per-step bar inside each batch's bar (cleared when the batch ends)
     )
 

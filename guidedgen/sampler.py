@@ -3,8 +3,8 @@
 At each guided step t (docs/methods.md#guided-sampling):
 1. predict the noise with UNet + ControlNet(s) (with classifier-free guidance);
 2. form the one-step estimate ``z0_hat`` from the model output and ``alphas_cumprod``;
-3. decode it with the VAE and evaluate the informativeness objective against the mask (optionally
-   at 1/n resolution, ``guidedgen.resolution``);
+3. decode it with the VAE (or a tiny distilled decoder, ``guidedgen.guidance_decoder``) and evaluate
+   the informativeness objective against the mask (optionally at 1/n resolution, ``guidedgen.resolution``);
 4. move ``z_t`` along the normalised gradient of the objective (ascent); then the ordinary
    scheduler step, reusing the noise prediction of step 1 (one UNet forward per step).
 
@@ -24,10 +24,12 @@ from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderTiny
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from guidedgen.components import Components
+from guidedgen.guidance_decoder import check_guidance_decoder, upsampling_factor
 from guidedgen.palette import DEFAULT_NEGATIVE_PROMPT, Palette
 from guidedgen.resolution import downsample_latents, downsample_masks
 from guidedgen.schedule import GuidanceSchedule
@@ -155,6 +157,10 @@ class GuidedControlNetSampler:
     ``decode_downsample``: the objective sees the x0 estimate decoded from its latent averaged over
     n x n blocks, against the mask read at the same grid (n = 1: full resolution, the exact path).
     The final images are always decoded at full resolution.
+
+    ``guidance_decoder``: an ``AutoencoderTiny`` the objective's view of the x0 estimate is decoded
+    with instead of the VAE (``guidedgen.guidance_decoder``); the guidance gradient then flows through
+    it only (and through the UNet with ``through_unet``). The final images are always decoded by the VAE.
     """
 
     def __init__(
@@ -172,6 +178,7 @@ class GuidedControlNetSampler:
         decode_downsample: int = 1,
         vae_gradient_checkpointing: bool = False,
         vae_slicing: bool = False,
+        guidance_decoder: Optional[AutoencoderTiny] = None,
         progress: bool = False,
     ):
         if gradient_path not in GRADIENT_PATHS:
@@ -196,7 +203,10 @@ class GuidedControlNetSampler:
             vae.enable_gradient_checkpointing()
         if vae_slicing:
             vae.enable_slicing()
-        self.vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.vae_factor = upsampling_factor(vae)
+        if guidance_decoder is not None:
+            check_guidance_decoder(guidance_decoder, vae)
+        self.guidance_decoder = guidance_decoder
 
     @property
     def size_multiple(self) -> int:
@@ -257,10 +267,11 @@ class GuidedControlNetSampler:
         model_input = scheduler.scale_model_input(latents, t)  # VP form, also for sigma-space schedulers
         return predicted_x0(model_output, model_input, alpha_bar, scheduler.config.prediction_type)
 
-    def decode(self, latents: Tensor) -> Tensor:
-        """Latents -> images in [0, 1]."""
-        vae = self.components.vae
-        images = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+    def decode(self, latents: Tensor, decoder=None) -> Tensor:
+        """Latents -> images in [0, 1], by the VAE or ``decoder`` (an ``AutoencoderTiny``; both take
+        the latents divided by their own ``scaling_factor``, as diffusers' pipelines do)."""
+        decoder = decoder if decoder is not None else self.components.vae
+        images = decoder.decode(latents / decoder.config.scaling_factor, return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
     def _check(self, masks: Tensor, prompts: Sequence[str], seeds: Sequence[int]) -> None:
@@ -281,12 +292,13 @@ class GuidedControlNetSampler:
 
     def guided_objective(self, x0: Tensor, masks: Tensor,
                          generators: Optional[Sequence[torch.Generator]] = None) -> Tensor:
-        """The objective of the x0 estimate ``[N, 4, h, w]`` decoded (at 1/``decode_downsample``
-        resolution) against ``masks [N, H, W]``: ``[N]``. An objective that draws random numbers
+        """The objective of the x0 estimate ``[N, 4, h, w]`` decoded (by the guidance decoder, at
+        1/``decode_downsample`` resolution) against ``masks [N, H, W]``: ``[N]``. An objective that draws random numbers
         (``draws``: MC dropout, sampled labels) gets ``generators``, one per sample."""
         factor = self.decode_downsample
         draws = {"generators": generators} if generators is not None and getattr(self.objective, "draws", False) else {}
-        return self.objective(self.decode(downsample_latents(x0, factor)), downsample_masks(masks, factor), **draws)
+        images = self.decode(downsample_latents(x0, factor), self.guidance_decoder)
+        return self.objective(images, downsample_masks(masks, factor), **draws)
 
     def _guidance_gradient(self, run: "Denoising", i: int) -> tuple[Tensor, Tensor, Tensor]:
         """(model output, gradient w.r.t. latents, objective values) at guided step ``i``."""
