@@ -267,7 +267,7 @@ class GuidedControlNetSampler:
         model_input = scheduler.scale_model_input(latents, t)  # VP form, also for sigma-space schedulers
         return predicted_x0(model_output, model_input, alpha_bar, scheduler.config.prediction_type)
 
-    def decode(self, latents: Tensor, decoder=None) -> Tensor:
+    def decode(self, latents: Tensor, decoder: Optional[AutoencoderTiny] = None) -> Tensor:
         """Latents -> images in [0, 1], by the VAE or ``decoder`` (an ``AutoencoderTiny``; both take
         the latents divided by their own ``scaling_factor``, as diffusers' pipelines do)."""
         decoder = decoder if decoder is not None else self.components.vae
