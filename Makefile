@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # (17 min instead of ~2 seen under load); two threads, the machine's cores.
 TEST_ENV := OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=2
 
-.PHONY: demo augment-demo augment-benchmark al-demo al-benchmark balent-study al-digits pipeline-digits pipeline-benchmark \
+.PHONY: demo augment-demo augment-benchmark al-demo al-benchmark balent-study mc-resolution-study al-digits pipeline-digits pipeline-benchmark \
 	few-labels-benchmark controlnet-train tiny-decoder benchmarks test test-fast install clean
 
 install: $(STAMP)
@@ -68,6 +68,18 @@ balent-study: $(STAMP)
 	$(PY) scripts/compare_settings.py benchmark=docs/results/al_digits3_curve.csv n5_c10=$(STUDY)/n5_c10/curve.csv \
 		pixelpick=$(STUDY)/pixelpick/curve.csv k50=$(STUDY)/k50/curve.csv dropout05=$(STUDY)/dropout05/curve.csv \
 		--random-from pixelpick=benchmark k50=benchmark --plot docs/results/balent_study.png
+
+# docs/results/mc_resolution.md (issue 29.1): does MC dropout at the decoder's resolution keep the AL
+# result? The benchmark's Unet decodes at full resolution (the flag is a no-op there), so both runs use
+# DeepLabV3+ on the benchmark's encoder (depth 4: decoder output at 1/4 of the input); 3 seeds each,
+# random and the dense ceiling once (neither uses MC). Resumable; two workers share the cores.
+MCRES := outputs/mc_resolution
+AL3D := $(AL3) workers=2 loop.model.arch=deeplabv3plus loop.model.encoder_depth=4 loop.model.decoder_channels=null
+mc-resolution-study: $(STAMP)
+	$(AL3D) output_dir=$(MCRES)/full supervised_reference=true 'acquisitions=[random,balent,entropy,margin,bald]'
+	$(AL3D) output_dir=$(MCRES)/decoder 'acquisitions=[balent,entropy,margin,bald]' loop.mc_at_decoder_resolution=true
+	$(PY) scripts/compare_settings.py full=$(MCRES)/full/curve.csv decoder=$(MCRES)/decoder/curve.csv \
+		--random-from decoder=full --plot docs/results/mc_resolution.png
 
 # docs/results/al_digits.md, the older ten-class AL experiment: 7 acquisitions x 3 seeds, then BalEnt on the diffusion-feature ensemble.
 al-digits: $(STAMP)

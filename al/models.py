@@ -131,49 +131,16 @@ class Segmenter(nn.Module):
             images = (images - self.pixel_mean) / self.pixel_std
         return self.net.decoder(self.net.encoder(images))
 
-    def classify(
-        self,
-        features: Tensor,
-        generator: Optional[torch.Generator] = None,
-        stochastic: Optional[bool] = None,
-        upsample: bool = True,
-    ) -> Tensor:
+    def classify(self, features: Tensor, stochastic: Optional[bool] = None, upsample: bool = True) -> Tensor:
         """Dropout + classifier + upsampling. Shape: ``[N, D, h, w] -> [N, C, H, W]`` logits
         (``[N, C, h, w]`` with ``upsample=False``: the classifier at the decoder's resolution).
 
-        Dropout is active when ``stochastic`` (default: ``self.training``); ``generator`` makes
-        the dropout mask reproducible (it must live on ``features.device``).
+        Dropout (element-wise, as trained) is active when ``stochastic`` (default:
+        ``self.training``); reproducible MC samples come from ``al.mc``.
         """
         stochastic = self.training if stochastic is None else stochastic
-        p = self.config.dropout
-        if stochastic and p > 0 and generator is None:
-            logits = self.classifier(F.dropout(features, p=p, training=True))
-        elif stochastic and p > 0:
-            logits = self._dropout_classifier(features, 1.0 - p, generator)
-        else:
-            logits = self.classifier(features)
+        logits = self.classifier(F.dropout(features, p=self.config.dropout, training=stochastic))
         return self.net.segmentation_head[2](self.upsample(logits) if upsample else logits)  # [2]: identity
-
-    def _dropout_classifier(self, features: Tensor, keep: float, generator: torch.Generator) -> Tensor:
-        """Dropout with ``generator``'s masks, then the 1x1 classifier, over blocks of pixels of
-        at most ``_HEAD_BLOCK_ELEMENTS`` features. Why, on CPU: oneDNN's 1x1 conv on a freshly
-        masked input took 4x its time on a reused one (11.6 vs 2.3 ms on the DigitScenes Unet's
-        [32, 16, 64, 64]; a matmul 0.8 ms), and on DeepLabV3+'s [2, 256, 128, 128] masking and
-        multiplying block by block, in cache, took half the time of the whole tensor at once.
-        The inverted-dropout scale goes into the weights, not over every feature.
-
-        Shape: ``[N, D, h, w] -> [N, C, h, w]`` logits."""
-        flat = features.flatten(2)  # [N, D, P]
-        block = max(1, _HEAD_BLOCK_ELEMENTS // (flat.shape[0] * flat.shape[1]))
-        weight, blocks = self.classifier.weight.flatten(1), []  # [C, D]
-        for start in range(0, flat.shape[2], block):
-            part = flat[:, :, start:start + block]
-            mask, keep_rate = dropout_keep_mask(part.shape, keep, generator, features.device)
-            blocks.append(torch.matmul(weight / keep_rate, part * mask))
-        logits = torch.cat(blocks, 2) if len(blocks) > 1 else blocks[0]  # [N, C, P]
-        if self.classifier.bias is not None:
-            logits.add_(self.classifier.bias[:, None])
-        return logits.unflatten(2, features.shape[2:])
 
     def upsample(self, maps: Tensor) -> Tensor:
         """The head's upsampling to output resolution (identity where the decoder already runs
@@ -243,9 +210,6 @@ class Segmenter(nn.Module):
         return model.eval()
 
 
-_HEAD_BLOCK_ELEMENTS = 2 ** 21  # features per block of Segmenter._dropout_classifier: 8 MB in float32
-
-
 def dropout_keep_mask(shape: torch.Size, keep: float, generator: Optional[torch.Generator] = None,
                       device: Union[str, torch.device, None] = None) -> tuple[Tensor, float]:
     """Independent Bernoulli keep draws for MC dropout, four per 64-bit random number.
@@ -254,8 +218,7 @@ def dropout_keep_mask(shape: torch.Size, keep: float, generator: Optional[torch.
     with ``keep`` rounded to 1/65536 is an exact Bernoulli draw at the rounded rate; that rate
     (0.8000031 for keep 0.8) is returned for the inverted-dropout scale, which keeps the mean
     of every feature exact. On CPU this is ~2.5x cheaper than ``torch.rand(shape) < keep``,
-    which spends a 32-bit draw and a float conversion per element; the masks of the K head
-    passes are most of last-layer MC dropout's cost (docs/results/benchmarks.md).
+    which spends a 32-bit draw and a float conversion per element.
 
     Returns a bool mask of ``shape`` and the keep rate it was drawn at.
     """

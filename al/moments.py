@@ -18,6 +18,17 @@ from torch import Tensor
 _LOG_EPS = 1e-12
 
 
+def sums_of_logits(logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The three sums of :class:`MCMoments` over K samples given as logits, with the arithmetic
+    of :meth:`MCMoments.add` (softmax in the logits' dtype, float64 sums, the same log floor).
+
+    Shape: ``[K, C, *S] -> (sum_p [C, *S], sum_p2 [C, *S], sum_entropy [*S])``.
+    """
+    probs = logits.softmax(1)
+    p = probs.double()
+    return p.sum(0), (p * p).sum(0), -(probs * probs.clamp_min(_LOG_EPS).log()).sum(1).sum(0)
+
+
 @dataclass
 class MCMoments:
     """Sums over K samples of class probabilities ``p_k`` of a batch ``[N, C, *S]``.
