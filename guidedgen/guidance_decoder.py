@@ -65,8 +65,8 @@ def decoder_location(value: str) -> str:
 
 def load_guidance_decoder(value: str, vae: AutoencoderKL, local_files_only: bool = False) -> Optional[AutoencoderTiny]:
     """``guidance.decoder``: None for ``vae`` (guidance decodes with the full VAE), else the
-    ``AutoencoderTiny`` in the folder or hub repo ``value``, frozen, on the VAE's device and dtype
-    (so fp16 on CUDA follows the VAE)."""
+    ``AutoencoderTiny`` in the folder or hub repo ``value``, frozen (the sampler puts it on the
+    VAE's device and dtype)."""
     if value == FULL_VAE:
         return None
     location = decoder_location(value)
@@ -79,4 +79,4 @@ def load_guidance_decoder(value: str, vae: AutoencoderKL, local_files_only: bool
                           f"AutoencoderTiny; {REMEDY}")
     decoder = AutoencoderTiny.from_pretrained(location, local_files_only=local_files_only)
     check_guidance_decoder(decoder, vae, repr(value))
-    return decoder.to(device=vae.device, dtype=vae.dtype).requires_grad_(False).eval()
+    return decoder.requires_grad_(False).eval()
