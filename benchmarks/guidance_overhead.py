@@ -27,9 +27,23 @@ so the latent gets the same total push from k-times fewer guided steps. Per vari
   most ``--fidelity-drop`` (0.05) below the exact path's. Its cost does not depend on the
   strength, so its time ratio stands.
 - the reduced view error (``decode_downsample``): how far the decode of the block-averaged
-  latent is from a smaller copy of the image.
+  latent is from a smaller copy of the image;
+- the tiny decoder error (``decoder``): how far the tiny decoder's image of the unguided final
+  latents is from the full VAE's (RMS gap over the image's RMS contrast).
+
+The tiny-decoder variants (``decoder: TINY_DECODER``) decode the x0 estimate for guidance with an
+``AutoencoderTiny``: on ``digits`` the one distilled for the committed model
+(``make tiny-decoder``); on ``mid`` a random one of TAESD's default architecture (8x, as
+``madebyollin/taesd``), for its cost only. Mid's random VAE is ~20x lighter than SD-1.5's (its
+decoder forward + backward at 256 px: 0.9 s on one thread, TAESD's 1.1 s, SD-1.5's architecture
+22.5 s), so mid shows no saving from a tiny decoder, while with SD-1.5's VAE TAESD's decode is
+~20x cheaper than the full one.
 
     python benchmarks/guidance_overhead.py [--count 8 --mid-steps 10 --mid-batch 2 --calibration-steps 3]
+    python benchmarks/guidance_overhead.py --variants "through_unet, tiny decoder" "x0_shortcut, tiny decoder"
+    # quick check of the wiring (minutes, numbers meaningless):
+    python benchmarks/guidance_overhead.py --sets mid --mid-steps 2 --mid-batch 1 --calibration-steps 0 \
+        --variants "x0_shortcut, tiny decoder"
 
 Last line: ``ratio: <guided / unguided CPU time on mid>`` of the cheapest variant that keeps the gain.
 """
@@ -59,6 +73,7 @@ class Variant:
 
 
 SHORTCUT = {"gradient_path": "x0_shortcut"}
+TINY_DECODER = "models/digitscenes-controlnet/tiny_decoder"  # digits' distilled decoder; mid builds a random TAESD
 # the first is today's default, the exact path
 VARIANTS: dict[str, Variant] = {
     "through_unet": Variant({}),
@@ -73,6 +88,8 @@ VARIANTS: dict[str, Variant] = {
     # per guided step on mid, so only about every 4th step fits 1.5x (every 3rd: 1.58x)
     "through_unet, decode /2, every 4": Variant({"decode_downsample": 2, "every": 4}),
     "through_unet, every 4": Variant({"every": 4}),
+    "through_unet, tiny decoder": Variant({"decoder": TINY_DECODER}),
+    "x0_shortcut, tiny decoder": Variant({**SHORTCUT, "decoder": TINY_DECODER}),
 }
 EXACT = "through_unet"
 
@@ -157,11 +174,14 @@ def digits_setup(args) -> Setup:
 
 def mid_setup(args) -> Setup:
     """The random mid-size set (no judge: its images are not scenes)."""
+    from diffusers import AutoencoderTiny
+
     from al.data import DIGIT_CLASSES, DigitScenesConfig, digit_scenes
     from al.models import build_segmenter
     from guidedgen.components import tiny_components
     from guidedgen.generate import GuidanceConfig
     from guidedgen.guidance import build_objective
+    from guidedgen.guidance_decoder import FULL_VAE
     from guidedgen.palette import Palette, distinct_ade20k_colours
     from guidedgen.sampler import GuidedControlNetSampler
 
@@ -172,11 +192,14 @@ def mid_setup(args) -> Setup:
     base = GuidanceConfig(strength=0.3)
     objective = build_objective(base.objective, [segmenter])
     palette = Palette(tuple(DIGIT_CLASSES), distinct_ade20k_colours(11))
+    torch.manual_seed(0)
+    taesd = AutoencoderTiny().requires_grad_(False).eval()  # TAESD's default architecture: upsamples 8x
 
     def make_sampler(guidance):
         guidance = guidance or dataclasses.replace(base, strength=0.0)
         return GuidedControlNetSampler(components, palette, objective, guidance.schedule(), guidance.gradient_path,
-                                       args.mid_steps, decode_downsample=guidance.decode_downsample)
+                                       args.mid_steps, decode_downsample=guidance.decode_downsample,
+                                       guidance_decoder=None if guidance.decoder == FULL_VAE else taesd)
 
     return Setup(make_sampler, base, masks, ["digits"] * args.mid_batch, list(range(args.mid_batch)), objective,
                  lambda images: None, trained=False)
@@ -190,6 +213,7 @@ class SetResult:
     unguided: list[Run]  # before the first variant and after each one
     runs: dict[str, Run]  # variant name -> its run
     view_error: dict[int, float]  # decode_downsample -> relative_view_error on the unguided latents
+    decoder_error: Optional[float]  # relative_decoder_error on the unguided latents (None: no tiny-decoder variant)
     trained: bool
     calibrated: dict[str, list[tuple[float, Run]]]  # variant -> (strength multiplier, run) tried, trained sets
 
@@ -204,6 +228,14 @@ def relative_view_error(decode: Callable, latents: Tensor, factor: int) -> float
         view = decode(downsample_latents(latents, factor))
         reference = F.avg_pool2d(decode(latents), factor)
     return float((view - reference).square().mean().sqrt() / (reference - reference.mean()).square().mean().sqrt())
+
+
+def relative_decoder_error(sampler, latents: Tensor) -> float:
+    """How far ``sampler``'s guidance decoder shows ``latents [N, 4, h, w]`` from the full VAE's image:
+    RMS of their gap over the image's RMS contrast (0 = the same images)."""
+    with torch.no_grad():
+        tiny, full = sampler.decode(latents, sampler.guidance_decoder), sampler.decode(latents)
+    return float((tiny - full).square().mean().sqrt() / (full - full.mean()).square().mean().sqrt())
 
 
 def worker(name: str, variants: list[str], args, queue) -> None:
@@ -240,8 +272,11 @@ def worker(name: str, variants: list[str], args, queue) -> None:
     calibrated = {v: calibrate(v, target) for v in variants if v != EXACT} if setup.trained and target > 0 else {}
     factors = sorted({VARIANTS[v].keys.get("decode_downsample", 1) for v in variants} - {1})
     decode = setup.make_sampler(None).decode
-    queue.put(SetResult(unguided, runs, {f: relative_view_error(decode, latents, f) for f in factors}, setup.trained,
-                        calibrated))
+    tiny = next((v for v in variants if "decoder" in VARIANTS[v].keys), None)
+    decoder_error = relative_decoder_error(setup.make_sampler(guidance_for(setup.guidance, VARIANTS[tiny])),
+                                           latents) if tiny else None
+    queue.put(SetResult(unguided, runs, {f: relative_view_error(decode, latents, f) for f in factors}, decoder_error,
+                        setup.trained, calibrated))
 
 
 def measure(name: str, variants: list[str], args):
@@ -284,6 +319,8 @@ def main() -> None:
     variants = [EXACT] + [v for v in args.variants if v != EXACT]
     if "digits" in args.sets:
         ensure_guide()
+        if any("decoder" in VARIANTS[v].keys for v in variants) and not Path(TINY_DECODER, "config.json").is_file():
+            sys.exit(f"{TINY_DECODER} is missing: make tiny-decoder (about 15 minutes), or leave out the tiny-decoder variants")
     ratios, keeps, gains = {}, {v: [] for v in variants}, {v: [] for v in variants}
     start = time.perf_counter()
     for name in args.sets:
@@ -295,6 +332,8 @@ def main() -> None:
               f"{min(u.cpu for u in unguided):.1f}-{max(u.cpu for u in unguided):.1f} s CPU, objective {base.objective:.5f}"
               + (f", judge mIoU {base.fidelity:.3f}" if judged else ""))
         print("  reduced view error: " + ", ".join(f"/{f} {e:.3f}" for f, e in result.view_error.items()))
+        if result.decoder_error is not None:
+            print(f"  tiny decoder error: {result.decoder_error:.3f}")
         print(f"  {'variant':40s} {'wall':>6s} {'CPU':>6s} {'gain':>7s} {'of exact':>8s}" + ("  judge" if judged else "")
               + ("  | calibrated: strength, of exact" + (", judge" if judged else "") if result.calibrated else ""))
         exact = result.runs[EXACT]
