@@ -89,9 +89,10 @@ def _logit_blocks(model: Segmenter, features: Tensor, k: int, generator: Optiona
     weights = thinned_classifiers(model, features.shape[0], k, generator).flatten(1, 2)  # [N, K*C, D]
     classes, bias = model.num_classes, model.classifier.bias
     bias = bias.repeat(k)[:, None] if bias is not None else features.new_zeros(())  # [K*C, 1], added by addmm
-    block = max(1, _BLOCK_ELEMENTS // (k * classes))
     for i in range(features.shape[0]):
         flat = (model.upsample(features[i:i + 1]) if upsample else features[i:i + 1])[0].flatten(1)  # [D, P]
+        blocks = -(-flat.shape[1] * k * classes // _BLOCK_ELEMENTS)
+        block = -(-flat.shape[1] // blocks)  # even blocks: no small ragged one
         for start in range(0, flat.shape[1], block):
             pixels = slice(start, start + block)
             yield i, pixels, torch.addmm(bias, weights[i], flat[:, pixels]).view(k, classes, -1)

@@ -138,7 +138,7 @@ def test_mc_moments_equal_the_stack_of_the_head_by_definition_to_float64_roundin
     1e-8 bar of the streamed-BalEnt test."""
     from al import mc, scores
 
-    monkeypatch.setattr(mc, "_BLOCK_ELEMENTS", 3 * 5 * 1000)  # 1000-pixel blocks: 4096 pixels end ragged
+    monkeypatch.setattr(mc, "_BLOCK_ELEMENTS", 3 * 5 * 1000)  # 4096 pixels in blocks of 820, the last 816
     model = tiny(arch).double()
     x = torch.rand(2, 3, 64, 64, dtype=torch.float64)
     fused = mc_moments(model, x, 3, torch.Generator().manual_seed(7))
