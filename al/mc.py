@@ -114,10 +114,11 @@ def mc_probs(
     Shape: ``images [N, 3, H, W] -> [K, N, C, H, W]``.
     """
     _check_k(k)
-    out = images.new_empty((k, images.shape[0], model.num_classes, *images.shape[-2:]))
-    flat = out.flatten(3)
     with _eval_mode(model):
-        for i, pixels, logits in _logit_blocks(model, model.features(images), k, generator, upsample=True):
+        features = model.features(images)
+        out = features.new_empty((k, images.shape[0], model.num_classes, *images.shape[-2:]))
+        flat = out.flatten(3)
+        for i, pixels, logits in _logit_blocks(model, features, k, generator, upsample=True):
             flat[:, i, :, pixels] = logits.softmax(1)
     return out
 
