@@ -65,8 +65,8 @@ def decoder_location(value: str) -> str:
 
 def load_guidance_decoder(value: str, vae: AutoencoderKL, local_files_only: bool = False) -> Optional[AutoencoderTiny]:
     """``guidance.decoder``: None for ``vae`` (guidance decodes with the full VAE), else the
-    ``AutoencoderTiny`` in the folder or hub repo ``value``, frozen (the sampler puts it on the
-    VAE's device and dtype)."""
+    ``AutoencoderTiny`` in the folder or hub repo ``value``, frozen, in the VAE's dtype (the sampler
+    puts it on the VAE's device)."""
     if value == FULL_VAE:
         return None
     location = decoder_location(value)
@@ -77,6 +77,6 @@ def load_guidance_decoder(value: str, vae: AutoencoderKL, local_files_only: bool
     if record.get("_class_name") != AutoencoderTiny.__name__:
         raise ConfigError(f"config key {KEY!r} = {value!r} holds a {record.get('_class_name')!r}, not an "
                           f"AutoencoderTiny; {REMEDY}")
-    decoder = AutoencoderTiny.from_pretrained(location, local_files_only=local_files_only)
+    decoder = AutoencoderTiny.from_pretrained(location, torch_dtype=vae.dtype, local_files_only=local_files_only)
     check_guidance_decoder(decoder, vae, repr(value))
     return decoder.requires_grad_(False).eval()

@@ -206,7 +206,8 @@ class GuidedControlNetSampler:
         self.vae_factor = upsampling_factor(vae)
         if guidance_decoder is not None:
             check_guidance_decoder(guidance_decoder, vae)
-            guidance_decoder.to(device=vae.device, dtype=vae.dtype)  # fp16 on CUDA when the VAE is
+            if (guidance_decoder.device, guidance_decoder.dtype) != (vae.device, vae.dtype):  # fp16 on CUDA when the VAE is
+                guidance_decoder.to(device=vae.device, dtype=vae.dtype)
         self.guidance_decoder = guidance_decoder
 
     @property
