@@ -222,7 +222,8 @@ estimate with: `guidance.decoder: {config['output_dir']}`. Final images are stil
 
 
 def save_atomically(decoder: AutoencoderTiny, record: dict, config: DistillTinyDecoderConfig) -> Path:
-    """Write the decoder, ``distillation.json`` and the card into a staging folder held under a lock, then move it into place in one rename: the output
+    """Write the decoder, ``distillation.json`` and the card into a staging folder held under a
+    lock (``.<name>.partial`` beside the output), then move it into place in one rename: the output
     folder is absent, the old one, or complete. A second run on the same output is refused."""
     output = Path(config.output_dir)
     staging = output.with_name(f".{output.name}.partial")
