@@ -18,6 +18,7 @@ from al.loop_config import LoopConfig
 from guidedgen.generate import GenerateConfig
 from guidedgen.pipeline import PipelineConfig
 from guidedgen.training import TrainControlNetConfig
+from guidedgen.training.tiny_decoder import DistillTinyDecoderConfig
 from scripts.train_segmenter import TrainSegmenterConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,6 +26,7 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))  # configs/base/ holds block
 # The schema each script loads its --config with; test_every_config_script_is_known checks it against the scripts.
 SCRIPT_SCHEMAS = {
     "active_learning": ExperimentConfig,
+    "distill_tiny_decoder": DistillTinyDecoderConfig,
     "few_labels": FewLabelsConfig,
     "generate": GenerateConfig,
     "pipeline": PipelineConfig,
