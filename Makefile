@@ -79,7 +79,7 @@ mc-resolution-study: $(STAMP)
 	$(AL3D) output_dir=$(MCRES)/full supervised_reference=true 'acquisitions=[random,balent,entropy,margin,bald]'
 	$(AL3D) output_dir=$(MCRES)/decoder 'acquisitions=[balent,entropy,margin,bald]' loop.mc_at_decoder_resolution=true
 	$(PY) scripts/compare_settings.py full=$(MCRES)/full/curve.csv decoder=$(MCRES)/decoder/curve.csv \
-		--random-from decoder=full --plot docs/results/mc_resolution.png
+		--random-from decoder=full --paired-with decoder=full --plot docs/results/mc_resolution.png
 
 # docs/results/al_digits.md, the older ten-class AL experiment: 7 acquisitions x 3 seeds, then BalEnt on the diffusion-feature ensemble.
 al-digits: $(STAMP)

@@ -7,7 +7,9 @@ acquisition, the per-seed change against random, and the ordering of the means.
 Each setting is ``<name>=<curve.csv>`` and is read at its last cycle. The change against random
 pairs seeds with the setting's own random rows, or with another setting's (``--random-from
 <setting>=<other>``) where what the setting changes cannot move random (random draws no MC
-samples, so K does not change it).
+samples, so K does not change it). ``--paired-with <setting>=<other>`` adds a table of the
+per-seed change of each acquisition from ``other`` to ``setting``, and whether the setting's
+mean lies within ``other``'s seed spread (its mean ± std over seeds).
 """
 
 import argparse
@@ -64,6 +66,23 @@ def settings_table(settings: dict[str, tuple[int, dict]], random_from: dict[str,
     return "\n".join(lines)
 
 
+def paired_table(settings: dict[str, tuple[int, dict]], pairs: dict[str, str]) -> str:
+    """Markdown: per (setting, acquisition in both), the change from the paired setting, mean and
+    per seed, the paired setting's std over seeds, and whether the mean change is within it."""
+    lines = ["| setting vs other | acquisition | other mIoU (%) | setting mIoU (%) | change: mean (seeds) | "
+             "within other's spread |", "|---|---|---|---|---|---|"]
+    for name, other in pairs.items():
+        final, reference = settings[name][1], settings[other][1]
+        for acquisition in sorted(set(final) & set(reference)):
+            values, base = final[acquisition], reference[acquisition]
+            change = changes_against(values, base)
+            mean, spread = np.mean(list(change.values())), np.std(list(base.values()))
+            lines.append(f"| {name} vs {other} | {acquisition} | {np.mean(list(base.values())):.1f} ± {spread:.1f} | "
+                         f"{np.mean(list(values.values())):.1f} ± {np.std(list(values.values())):.1f} | {mean:+.1f} "
+                         f"({', '.join(f'{c:+.1f}' for c in change.values())}) | {'yes' if abs(mean) <= spread else 'no'} |")
+    return "\n".join(lines)
+
+
 def plot_settings(settings: dict[str, tuple[int, dict]], path: str) -> None:
     """Last-cycle mIoU per setting: one column of seed dots and a mean bar per acquisition."""
     acquisitions = sorted({a for _, final in settings.values() for a in final})
@@ -101,18 +120,23 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("settings", nargs="+", help="<name>=<curve.csv>")
     parser.add_argument("--random-from", nargs="*", default=[], help="<setting>=<setting whose random rows it uses>")
+    parser.add_argument("--paired-with", nargs="*", default=[], help="<setting>=<setting it is compared with, per seed>")
     parser.add_argument("--plot", default=None, help="PNG path")
     args = parser.parse_args(argv)
     paths = parse_pairs(args.settings, "setting")
     random_from = parse_pairs(args.random_from, "--random-from")
-    for name, other in random_from.items():
-        if name not in paths or other not in paths:
-            raise SystemExit(f"--random-from {name}={other}: both must be settings ({sorted(paths)})")
+    paired = parse_pairs(args.paired_with, "--paired-with")
+    for flag, pairs in (("--random-from", random_from), ("--paired-with", paired)):
+        for name, other in pairs.items():
+            if name not in paths or other not in paths:
+                raise SystemExit(f"{flag} {name}={other}: both must be settings ({sorted(paths)})")
     for name, path in paths.items():
         if not Path(path).is_file():
             raise SystemExit(f"setting {name}: {path} is not a file (a curve.csv written by scripts/active_learning.py)")
     settings = {name: last_cycle(Path(path)) for name, path in paths.items()}
     print(settings_table(settings, random_from))
+    if paired:
+        print("\n" + paired_table(settings, paired))
     if args.plot:
         plot_settings(settings, args.plot)
         print(f"plot: {args.plot}")

@@ -36,6 +36,23 @@ def test_each_setting_is_read_at_its_last_cycle_and_paired_with_its_random(tmp_p
     assert (tmp_path / "s.png").stat().st_size > 0
 
 
+def test_a_setting_paired_with_another_gives_per_seed_changes_and_the_spread_verdict(tmp_path, capsys):
+    full, decoder = tmp_path / "full.csv", tmp_path / "decoder.csv"
+    write_curve(full, {("margin", 0, 1): 0.50, ("margin", 1, 1): 0.40, ("balent", 0, 1): 0.30, ("balent", 1, 1): 0.32,
+                       ("random", 0, 1): 0.2})
+    write_curve(decoder, {("margin", 0, 1): 0.47, ("margin", 1, 1): 0.45, ("balent", 0, 1): 0.40, ("balent", 1, 1): 0.36})
+    assert main([f"full={full}", f"decoder={decoder}", "--paired-with", "decoder=full"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    table = lines[lines.index("| setting vs other | acquisition | other mIoU (%) | setting mIoU (%) | change: mean (seeds) | "
+                              "within other's spread |"):]
+    # balent: +10.0, +4.0 -> +7.0, beyond full's std of 1.0; margin: -3.0, +5.0 -> +1.0, within full's 5.0
+    assert table[2] == "| decoder vs full | balent | 31.0 ± 1.0 | 38.0 ± 2.0 | +7.0 (+10.0, +4.0) | no |"
+    assert table[3] == "| decoder vs full | margin | 45.0 ± 5.0 | 46.0 ± 1.0 | +1.0 (-3.0, +5.0) | yes |"
+    assert len(table) == 4  # random is in one setting only
+    with pytest.raises(SystemExit, match="--paired-with decoder=nope"):
+        main([f"full={full}", f"decoder={decoder}", "--paired-with", "decoder=nope"])
+
+
 def test_cli_names_bad_settings(tmp_path):
     path = tmp_path / "c.csv"
     write_curve(path, {("random", 0, 0): 0.1})
