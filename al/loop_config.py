@@ -42,8 +42,10 @@ class LoopConfig:
     cycles: int = 5
     mc_samples: int = 20
     # True: where the head upsamples (DeepLabV3+, FPN), the K softmaxes at the decoder's
-    # resolution and their statistics upsampled once (al.mc.mc_moments): 2.0-2.2x a forward instead
-    # of 6.2-7.1x on DeepLabV3+ at 512 px (docs/results/benchmarks.md); the reference upsamples first
+    # resolution and their statistics upsampled once (al.mc.mc_moments): 1.24x a forward instead
+    # of 3.9x on DeepLabV3+ at 512 px (docs/results/benchmarks.md). Off by default: the reference
+    # upsamples first, and on the AL benchmark it kept entropy and margin but moved BALD (-4.6) and
+    # BalEnt (+11.9) (docs/results/mc_resolution.md)
     mc_at_decoder_resolution: bool = False
     inference_batch_size: int = 32
     model: ModelConfig = field(default_factory=ModelConfig)
