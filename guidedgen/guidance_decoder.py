@@ -13,11 +13,24 @@ from pathlib import Path
 from typing import Optional
 
 from diffusers import AutoencoderKL, AutoencoderTiny
+from torch import Tensor
 
 from al.config import ConfigError
 
 FULL_VAE = "vae"
 KEY = "guidance.decoder"
+
+
+def decode_latents(decoder, latents: Tensor) -> Tensor:
+    """UNet-space latents -> the decoder's output in [-1, 1] (unclamped), an ``AutoencoderKL`` or an
+    ``AutoencoderTiny`` alike: each takes the latents divided by its own ``scaling_factor``, as
+    diffusers' pipelines call them."""
+    return decoder.decode(latents / decoder.config.scaling_factor, return_dict=False)[0]
+
+
+def to_unit_range(decoded: Tensor) -> Tensor:
+    """A decoder's [-1, 1] output -> images in [0, 1], float32, clamped (what a segmenter reads)."""
+    return (decoded.float() / 2 + 0.5).clamp(0, 1)
 
 
 def upsampling_factor(vae) -> int:

@@ -29,7 +29,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from guidedgen.components import Components
-from guidedgen.guidance_decoder import check_guidance_decoder, upsampling_factor
+from guidedgen.guidance_decoder import check_guidance_decoder, decode_latents, to_unit_range, upsampling_factor
 from guidedgen.palette import DEFAULT_NEGATIVE_PROMPT, Palette
 from guidedgen.resolution import downsample_latents, downsample_masks
 from guidedgen.schedule import GuidanceSchedule
@@ -272,9 +272,7 @@ class GuidedControlNetSampler:
     def decode(self, latents: Tensor, decoder: Optional[AutoencoderTiny] = None) -> Tensor:
         """Latents -> images in [0, 1], by the VAE or ``decoder`` (an ``AutoencoderTiny``; both take
         the latents divided by their own ``scaling_factor``, as diffusers' pipelines do)."""
-        decoder = decoder if decoder is not None else self.components.vae
-        images = decoder.decode(latents / decoder.config.scaling_factor, return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        return to_unit_range(decode_latents(decoder if decoder is not None else self.components.vae, latents))
 
     def _check(self, masks: Tensor, prompts: Sequence[str], seeds: Sequence[int]) -> None:
         if masks.ndim != 3:

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from al.config import ConfigError, require
 from al.data.config import DataConfig
 from al.folder_lock import FolderLock
-from guidedgen.guidance_decoder import check_guidance_decoder
+from guidedgen.guidance_decoder import check_guidance_decoder, decode_latents, to_unit_range
 from guidedgen.training.data import batch_indices
 
 RECORD_NAME = "distillation.json"
@@ -108,15 +108,6 @@ def training_batch(latents: torch.Tensor, step: int, config: DistillTinyDecoderC
     return torch.cat([batch[:clean], off_manifold(batch[clean:], config.noise_std, generator)])
 
 
-def full_decode(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
-    """The teacher: UNet-space latents -> the full VAE's output in [-1, 1] (unclamped)."""
-    return vae.decode(latents / vae.config.scaling_factor).sample
-
-
-def tiny_decode(decoder: AutoencoderTiny, latents: torch.Tensor) -> torch.Tensor:
-    return decoder.decode(latents / decoder.config.scaling_factor).sample
-
-
 def distill(decoder: AutoencoderTiny, vae: AutoencoderKL, latents: torch.Tensor,
             config: DistillTinyDecoderConfig) -> list[float]:
     """Train ``decoder.decoder`` on ``latents`` [N, c, h, w] to match ``vae``'s decoder (L1 + MSE);
@@ -131,8 +122,8 @@ def distill(decoder: AutoencoderTiny, vae: AutoencoderKL, latents: torch.Tensor,
     for step in bar:
         batch = training_batch(latents, step, config)
         with torch.no_grad():
-            target = full_decode(vae, batch)
-        output = tiny_decode(decoder, batch)
+            target = decode_latents(vae, batch)  # the teacher
+        output = decode_latents(decoder, batch)
         loss = F.l1_loss(output, target) + F.mse_loss(output, target)
         loss.backward()
         optimizer.step()
@@ -142,11 +133,6 @@ def distill(decoder: AutoencoderTiny, vae: AutoencoderKL, latents: torch.Tensor,
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
     decoder.requires_grad_(False).eval()
     return losses
-
-
-def _as_images(decoded: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] decoder output -> the images guidance sees, in [0, 1] (``GuidedControlNetSampler.decode``)."""
-    return (decoded.float() / 2 + 0.5).clamp(0, 1)
 
 
 def _mse_psnr(a: torch.Tensor, b: torch.Tensor) -> dict:
@@ -159,14 +145,14 @@ def reconstruction_errors(decoder: AutoencoderTiny, vae: AutoencoderKL, latents:
                           noise_std: float, seed: int) -> dict:
     """Images in [0, 1]: tiny vs full decode, and each vs the real images, on clean latents; tiny
     vs full on off-manifold ones built from them (``off_manifold``)."""
-    full, tiny = _as_images(full_decode(vae, latents)), _as_images(tiny_decode(decoder, latents))
+    full, tiny = to_unit_range(decode_latents(vae, latents)), to_unit_range(decode_latents(decoder, latents))
     noisy = off_manifold(latents, noise_std, torch.Generator().manual_seed(seed))
     return {
         "tiny_vs_full": _mse_psnr(tiny, full),
         "full_vs_real": _mse_psnr(full, images),
         "tiny_vs_real": _mse_psnr(tiny, images),
-        "off_manifold_tiny_vs_full": _mse_psnr(_as_images(tiny_decode(decoder, noisy)),
-                                               _as_images(full_decode(vae, noisy))),
+        "off_manifold_tiny_vs_full": _mse_psnr(to_unit_range(decode_latents(decoder, noisy)),
+                                               to_unit_range(decode_latents(vae, noisy))),
     }
 
 
