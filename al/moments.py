@@ -18,17 +18,24 @@ from torch import Tensor
 _LOG_EPS = 1e-12
 
 
-def sums_of_logits(logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The three sums of :class:`MCMoments` over K samples given as logits, with the arithmetic
-    of :meth:`MCMoments.add` (softmax in the logits' dtype, float64 sums, the same log floor).
+def sums_of_probs(probs: Tensor, class_dim: int = 1) -> tuple[Tensor, Tensor, Tensor]:
+    """The three sums of :class:`MCMoments` over K samples: ``sum_p``, ``sum_p2`` (float64) and
+    ``sum_entropy`` (in ``probs``' dtype, ``p log p`` with ``p`` floored at ``_LOG_EPS`` in the log).
+    The float64 copy is squared in place, and the entropy built in place: in ``al.mc`` these run on
+    cache-sized blocks, where every extra tensor is another sweep.
 
-    Shape: ``[K, C, *S] -> (sum_p [C, *S], sum_p2 [C, *S], sum_entropy [*S])``.
+    Shape: ``[K, C, *S] -> (sum_p [C, *S], sum_p2 [C, *S], sum_entropy [*S])``; ``class_dim``
+    names the class axis when others come before it (``[K, N, C, *S]``: 2).
     """
-    probs = logits.softmax(1)
-    p = probs.double()
+    p = probs.detach().to(torch.float64, copy=True)  # a copy even in float64: squared in place below
     sum_p = p.sum(0)
-    entropy = probs.clamp_min(_LOG_EPS).log_().mul_(probs).sum((0, 1)).neg_()
-    return sum_p, p.square_().sum(0), entropy  # in place: these ops run on cache-sized blocks
+    entropy = probs.clamp_min(_LOG_EPS).log_().mul_(probs).sum((0, class_dim)).neg_()
+    return sum_p, p.square_().sum(0), entropy
+
+
+def sums_of_logits(logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`sums_of_probs` of the samples' softmax over classes. Shape: ``[K, C, *S]``."""
+    return sums_of_probs(logits.softmax(1))
 
 
 @dataclass
@@ -61,10 +68,8 @@ class MCMoments:
 
     def add(self, probs: Tensor) -> None:
         """Fold one sample ``[N, C, *S]`` into the sums, in place."""
-        p = probs.detach().double()
-        self.sum_p.add_(p)
-        self.sum_p2.addcmul_(p, p)
-        self.sum_entropy.sub_((probs * probs.clamp_min(_LOG_EPS).log()).sum(1))
+        for total, value in zip((self.sum_p, self.sum_p2, self.sum_entropy), sums_of_probs(probs[None], class_dim=2)):
+            total.add_(value)
         self.count += 1
 
     def map(self, fn) -> "MCMoments":
