@@ -279,3 +279,21 @@ def test_streamed_balent_matches_the_stack_to_float64_rounding():
     streamed = MCMoments.of(mc)
     for name in ("balent", "balent_exact", "balanced_entropy"):
         np.testing.assert_allclose(scores.SCORES[name](streamed).numpy(), scores.SCORES[name](mc).numpy(), rtol=1e-8)
+
+
+@pytest.mark.parametrize("scale", [1.0, 40.0, 1000.0])
+def test_sums_of_logits_match_float64_softmax_sums(scale):
+    """al.moments.sums_of_logits (spelt-out softmax, entropy as log s - sum p y) against scipy's
+    softmax and p log p in float64, on float32 logits up to 1000 (exp overflows without the shift;
+    at 40 some p are far below the 1e-12 floor of p log p)."""
+    from scipy.special import softmax, xlogy
+
+    from al.moments import sums_of_logits
+
+    logits = torch.randn(20, 5, 300, generator=torch.Generator().manual_seed(0)) * scale
+    sum_p, sum_p2, sum_entropy = sums_of_logits(logits)
+    p = softmax(logits.double().numpy(), axis=1)
+    np.testing.assert_allclose(sum_p.numpy(), p.sum(0), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(sum_p2.numpy(), (p * p).sum(0), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(sum_entropy.numpy(), -xlogy(p, p).sum((0, 1)), rtol=1e-5, atol=1e-5)
+    assert sum_p.dtype == sum_p2.dtype == torch.float64 and sum_entropy.dtype == torch.float32
