@@ -74,6 +74,7 @@ class Variant:
 
 SHORTCUT = {"gradient_path": "x0_shortcut"}
 TINY_DECODER = "models/digitscenes-controlnet/tiny_decoder"  # digits' distilled decoder; mid builds a random TAESD
+GRADIENT_DECODER = "models/digitscenes-controlnet/tiny_decoder_gradients"  # the same, fine-tuned on gradients
 # the first is today's default, the exact path
 VARIANTS: dict[str, Variant] = {
     "through_unet": Variant({}),
@@ -90,6 +91,9 @@ VARIANTS: dict[str, Variant] = {
     "through_unet, every 4": Variant({"every": 4}),
     "through_unet, tiny decoder": Variant({"decoder": TINY_DECODER}),
     "x0_shortcut, tiny decoder": Variant({**SHORTCUT, "decoder": TINY_DECODER}),
+    "x0_shortcut, gradient-matched tiny decoder": Variant({**SHORTCUT, "decoder": GRADIENT_DECODER}),
+    # on mid the full-resolution view, not the decoder, is what costs (see above)
+    "x0_shortcut, tiny decoder, decode /2": Variant({**SHORTCUT, "decoder": TINY_DECODER, "decode_downsample": 2}),
 }
 EXACT = "through_unet"
 
@@ -135,6 +139,12 @@ def next_multiplier(tried: list[tuple[float, float]], target: float, limit: floa
     return multiplier * min(max(factor, 1 / limit), limit)
 
 
+def guide_overrides(args) -> list[str]:
+    """``--guide``: calibrate against another segmenter than the demo's (the strength that matches
+    the exact path's push depends on the guide)."""
+    return [f"guidance.segmenters=[{args.guide}]"] if args.guide else []
+
+
 def digits_setup(args) -> Setup:
     """The committed model with the demo's settings and guide."""
     from al.config import load_config
@@ -147,7 +157,7 @@ def digits_setup(args) -> Setup:
     from guidedgen.quality import JUDGE_DIR, load_judge
     from guidedgen.writer import sample_seed
 
-    config = load_config(GenerateConfig, DEMO_CONFIG, ["progress=false"])
+    config = load_config(GenerateConfig, DEMO_CONFIG, ["progress=false"] + guide_overrides(args))
     data = dataclasses.replace(config.masks, num_val_images=args.count, num_train_images=args.count).build(config.masks_split)
     masks = torch.stack([data[i].mask for i in range(args.count)])
     prompts = [prompt_for(m, list(data.classes), config.prompt_template) for m in masks]
@@ -290,12 +300,12 @@ def measure(name: str, variants: list[str], args):
     return result
 
 
-def ensure_guide() -> None:
+def ensure_guide(args) -> None:
     """Train the demo's guiding segmenter if it is missing."""
     from al.config import load_config
     from guidedgen.generate import GenerateConfig
 
-    for path in load_config(GenerateConfig, DEMO_CONFIG).guidance.segmenters:
+    for path in load_config(GenerateConfig, DEMO_CONFIG, guide_overrides(args)).guidance.segmenters:
         if not Path(path, "config.json").is_file():
             start = time.perf_counter()
             subprocess.run([sys.executable, "scripts/train_segmenter.py", "--config", GUIDE_CONFIG, f"output_dir={path}"],
@@ -311,6 +321,7 @@ def main() -> None:
     parser.add_argument("--mid-steps", type=int, default=10)
     parser.add_argument("--mid-batch", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--guide", help="digits: a segmenter folder to guide with instead of the demo's")
     parser.add_argument("--calibration-steps", type=int, default=3, help="strength updates per variant (trained sets)")
     parser.add_argument("--keep", type=float, default=0.9, help="share of the exact path's objective rise to keep")
     parser.add_argument("--fidelity-drop", type=float, default=0.05, help="judge mIoU a variant may lose vs the exact path")
@@ -318,9 +329,12 @@ def main() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read by the spawned workers' OpenMP
     variants = [EXACT] + [v for v in args.variants if v != EXACT]
     if "digits" in args.sets:
-        ensure_guide()
-        if any("decoder" in VARIANTS[v].keys for v in variants) and not Path(TINY_DECODER, "config.json").is_file():
-            sys.exit(f"{TINY_DECODER} is missing: make tiny-decoder (about 15 minutes), or leave out the tiny-decoder variants")
+        ensure_guide(args)
+        for folder, make in ((TINY_DECODER, "make tiny-decoder (about 15 minutes)"),
+                             (GRADIENT_DECODER, "python scripts/distill_tiny_decoder.py --config "
+                                                "configs/tiny_decoder_digits_gradients.yaml (about 17 minutes)")):
+            if any(VARIANTS[v].keys.get("decoder") == folder for v in variants) and not Path(folder, "config.json").is_file():
+                sys.exit(f"{folder} is missing: {make}, or leave out its variants")
     ratios, keeps, gains = {}, {v: [] for v in variants}, {v: [] for v in variants}
     start = time.perf_counter()
     for name in args.sets:
