@@ -92,6 +92,11 @@ VARIANTS: dict[str, Variant] = {
     "through_unet, tiny decoder": Variant({"decoder": TINY_DECODER}),
     "x0_shortcut, tiny decoder": Variant({**SHORTCUT, "decoder": TINY_DECODER}),
     "x0_shortcut, gradient-matched tiny decoder": Variant({**SHORTCUT, "decoder": GRADIENT_DECODER}),
+    # the VAE's image for the objective (one VAE forward more), the gradient through the tiny decoder
+    "x0_shortcut, gradient-matched tiny decoder, VAE image": Variant({**SHORTCUT, "decoder": GRADIENT_DECODER,
+                                                                     "decoder_image": "vae"}),
+    "x0_shortcut, tiny decoder, decode /2, VAE image": Variant({**SHORTCUT, "decoder": TINY_DECODER,
+                                                               "decode_downsample": 2, "decoder_image": "vae"}),
     # on mid the full-resolution view, not the decoder, is what costs (see above)
     "x0_shortcut, tiny decoder, decode /2": Variant({**SHORTCUT, "decoder": TINY_DECODER, "decode_downsample": 2}),
 }
@@ -209,7 +214,8 @@ def mid_setup(args) -> Setup:
         guidance = guidance or dataclasses.replace(base, strength=0.0)
         return GuidedControlNetSampler(components, palette, objective, guidance.schedule(), guidance.gradient_path,
                                        args.mid_steps, decode_downsample=guidance.decode_downsample,
-                                       guidance_decoder=None if guidance.decoder == FULL_VAE else taesd)
+                                       guidance_decoder=None if guidance.decoder == FULL_VAE else taesd,
+                                       decoder_image=guidance.decoder_image)
 
     return Setup(make_sampler, base, masks, ["digits"] * args.mid_batch, list(range(args.mid_batch)), objective,
                  lambda images: None, trained=False)

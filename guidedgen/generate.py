@@ -50,7 +50,7 @@ from guidedgen.palette import (
     prompt_for,
 )
 from guidedgen.quality import assess
-from guidedgen.sampler import GRADIENT_PATHS, GuidedControlNetSampler, KnownRegion, SamplerOutput
+from guidedgen.sampler import DECODER_IMAGES, GRADIENT_PATHS, GuidedControlNetSampler, KnownRegion, SamplerOutput
 from guidedgen.schedule import NORMALISATIONS, GuidanceSchedule
 from guidedgen.sheet import contact_sheet
 from guidedgen.writer import GenerationWriter, sample_seed, shard
@@ -77,6 +77,10 @@ class GuidanceConfig:
     # AutoencoderTiny folder or hub id (guidedgen.guidance_decoder): cheaper per guided step.
     # Final images are always decoded by the full VAE
     decoder: str = FULL_VAE
+    # With a tiny decoder: whose image the objective reads, "tiny" or "vae" (the full VAE's image,
+    # decoded without a graph, while the gradient flows through the tiny decoder: one more VAE
+    # forward per guided step, and the objective's image gradient is the exact path's)
+    decoder_image: str = "tiny"
     segmenters: list[str] = field(default_factory=list)  # saved models (al.models.load_model): segmenters or a pixel ensemble
     # the objective's own keyword arguments, e.g. {kind: vote_entropy} for committee, {labels:
     # sampled} for expected_model_change, {k: 16} for mc_dropout_std; unset = its defaults
@@ -159,6 +163,8 @@ class GenerateConfig:
                 "guidance.decode_downsample", self.guidance.decode_downsample, "an integer >= 1 (1 = full resolution)")
         if self.guidance.decoder != FULL_VAE:
             decoder_location(self.guidance.decoder)
+        require(self.guidance.decoder_image in DECODER_IMAGES, "guidance.decoder_image", self.guidance.decoder_image,
+                f"one of {DECODER_IMAGES} (whose image the objective reads when guidance.decoder is a tiny decoder)")
         require(self.guidance.normalize in NORMALISATIONS, "guidance.normalize", self.guidance.normalize, f"one of {NORMALISATIONS}")
         require(self.guidance.strength == 0 or self.guidance.objective is None or len(self.guidance.segmenters) > 0,
                 "guidance.segmenters", self.guidance.segmenters, "at least one segmenter folder when strength > 0")
@@ -240,6 +246,7 @@ def build_sampler(config: GenerateConfig, components: Components, palette: Palet
         negative_mask_fill=negative_mask_fill(config.negative_mask, list(palette.classes), ignore_index),
         decode_downsample=guidance.decode_downsample, vae_gradient_checkpointing=config.vae_gradient_checkpointing, vae_slicing=config.vae_slicing,
         guidance_decoder=load_guidance_decoder(guidance.decoder, components.vae, config.components.local_files_only),
+        decoder_image=guidance.decoder_image,
         progress=config.progress,  # a per-step bar inside each batch's bar (cleared when the batch ends)
     )
 

@@ -35,6 +35,7 @@ from guidedgen.resolution import downsample_latents, downsample_masks
 from guidedgen.schedule import GuidanceSchedule
 
 GRADIENT_PATHS = ("through_unet", "x0_shortcut")
+DECODER_IMAGES = ("tiny", "vae")  # with a guidance decoder: whose image the objective reads
 Objective = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -161,6 +162,12 @@ class GuidedControlNetSampler:
     ``guidance_decoder``: an ``AutoencoderTiny`` the objective's view of the x0 estimate is decoded
     with instead of the VAE (``guidedgen.guidance_decoder``); the guidance gradient then flows through
     it only (and through the UNet with ``through_unet``). The final images are always decoded by the VAE.
+
+    ``decoder_image`` (with a ``guidance_decoder``): which decoder's image the objective reads.
+    ``"tiny"``: the tiny decoder's. ``"vae"``: the full VAE's, decoded without a graph, while the
+    gradient still flows through the tiny decoder (straight through: ``vae(z) + tiny(z) -
+    stop_gradient(tiny(z))``). The objective's image gradient is then the exact path's, and only the
+    Jacobian it is carried back through is the tiny decoder's; costs one full decoder forward.
     """
 
     def __init__(
@@ -179,6 +186,7 @@ class GuidedControlNetSampler:
         vae_gradient_checkpointing: bool = False,
         vae_slicing: bool = False,
         guidance_decoder: Optional[AutoencoderTiny] = None,
+        decoder_image: str = "tiny",
         progress: bool = False,
     ):
         if gradient_path not in GRADIENT_PATHS:
@@ -209,6 +217,9 @@ class GuidedControlNetSampler:
             if (guidance_decoder.device, guidance_decoder.dtype) != (vae.device, vae.dtype):  # fp16 on CUDA when the VAE is
                 guidance_decoder.to(device=vae.device, dtype=vae.dtype)
         self.guidance_decoder = guidance_decoder
+        if decoder_image not in DECODER_IMAGES:
+            raise ValueError(f"decoder_image={decoder_image!r}; choose one of {DECODER_IMAGES}")
+        self.decoder_image = decoder_image
 
     @property
     def size_multiple(self) -> int:
@@ -297,7 +308,12 @@ class GuidedControlNetSampler:
         (``draws``: MC dropout, sampled labels) gets ``generators``, one per sample."""
         factor = self.decode_downsample
         draws = {"generators": generators} if generators is not None and getattr(self.objective, "draws", False) else {}
-        images = self.decode(downsample_latents(x0, factor), self.guidance_decoder)
+        latents = downsample_latents(x0, factor)
+        images = self.decode(latents, self.guidance_decoder)
+        if self.guidance_decoder is not None and self.decoder_image == "vae":
+            with torch.no_grad():
+                full = self.decode(latents)
+            images = full + (images - images.detach())  # the VAE's image, the tiny decoder's gradient
         return self.objective(images, downsample_masks(masks, factor), **draws)
 
     def _guidance_gradient(self, run: "Denoising", i: int) -> tuple[Tensor, Tensor, Tensor]:

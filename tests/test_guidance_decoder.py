@@ -96,6 +96,39 @@ def test_guidance_gradient_is_the_one_through_the_tiny_decoder(components, digit
     assert not torch.allclose(gradient, vae_gradient)  # not the VAE's gradient under another name
 
 
+def test_decoder_image_vae_reads_the_full_image_and_carries_its_gradient_through_the_tiny_decoder(components,
+                                                                                                digit_masks_32):
+    """decoder_image="vae": the objective's value is the exact path's (the VAE's image), and the
+    gradient is the objective's image gradient there, carried back through the tiny decoder."""
+    masks = digit_masks_32[0][:2]
+    decoder = tiny_decoder()
+    straight = GuidedControlNetSampler(components, PALETTE, objective, GuidanceSchedule(strength=0.5), "x0_shortcut",
+                                       num_inference_steps=4, guidance_scale=2.0, guidance_decoder=decoder,
+                                       decoder_image="vae")
+    run = straight.prepare(masks, PROMPTS, SEEDS)
+    _, gradient, value = straight._guidance_gradient(run, 0)
+    exact_value = sampler(components, None, "x0_shortcut")._guidance_gradient(run, 0)[2]
+    torch.testing.assert_close(value, exact_value)
+
+    t = run.timesteps[0]
+    alpha_bar = components.scheduler.alphas_cumprod[int(t)]
+    with torch.no_grad():
+        x0 = (run.latents - (1 - alpha_bar).sqrt() * straight.predict_noise(run.latents, t, run.embeddings, run.controls)
+              ) / alpha_bar.sqrt()
+        full = (components.vae.decode(x0 / components.vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+    with torch.enable_grad():
+        full.requires_grad_(True)
+        (probe,) = torch.autograd.grad(objective(full, masks).sum(), full)
+        x0.requires_grad_(True)
+        tiny = (decoder.decode(x0 / decoder.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+        (expected,) = torch.autograd.grad((tiny * probe).sum(), x0)
+    torch.testing.assert_close(gradient, expected, rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match=r"decoder_image='full'; choose one of \('tiny', 'vae'\)"):
+        GuidedControlNetSampler(components, PALETTE, objective, guidance_decoder=decoder, decoder_image="full")
+    with pytest.raises(ConfigError, match="guidance.decoder_image"):
+        GenerateConfig(guidance=GuidanceConfig(decoder_image="full")).validate()
+
+
 def test_bad_decoder_values_are_explained(tmp_path, components):
     vae = components.vae
     with pytest.raises(ConfigError, match="'guidance.decoder' = .*: no such folder; set guidance.decoder to 'vae'"):
