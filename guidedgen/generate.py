@@ -219,6 +219,8 @@ class GenerateConfig:
             values["guidance"]["options"] = options
         if self.guidance.decoder == FULL_VAE:  # sets written before the key existed keep their identity
             values["guidance"].pop("decoder")
+        if self.guidance.decoder == FULL_VAE or self.guidance.decoder_image == "tiny":  # likewise; no effect with the VAE
+            values["guidance"].pop("decoder_image")
         return values
 
 

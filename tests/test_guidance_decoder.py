@@ -159,6 +159,9 @@ def test_the_decoder_follows_the_vae_dtype_and_enters_the_identity_of_a_set(tmp_
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
     assert "decoder" not in GenerateConfig().defining_config()["guidance"]  # earlier sets keep their identity
     assert GenerateConfig(guidance=GuidanceConfig(decoder="x/y")).defining_config()["guidance"]["decoder"] == "x/y"
+    identity = lambda **keys: GenerateConfig(guidance=GuidanceConfig(**keys)).defining_config()["guidance"]
+    assert "decoder_image" not in identity(decoder="x/y") and "decoder_image" not in identity(decoder_image="vae")
+    assert identity(decoder="x/y", decoder_image="vae")["decoder_image"] == "vae"
 
 
 # -- distillation ----------------------------------------------------------------------------
