@@ -8,12 +8,13 @@ is clean latents of train scenes; the other half is off the latent manifold, whe
 takes its gradient early in sampling: the x0 estimate then is a blurred average of plausible
 scenes with noise left in, which blends of two scenes plus Gaussian noise imitate.
 
-Guidance uses the decoder's gradient, not only its output: matched outputs (27.7 dB) left the
-latent gradients of an objective through the two decoders at a cosine of 0.17-0.25.
-``gradient_weight`` adds a gradient-matching term: for a random image-space probe ``v`` (an
-objective's gradient on the image), the student's latent gradient ``J_tiny^T v`` is pulled to the
-teacher's ``J_full^T v``. Over Gaussian probes its expectation is ``||J_tiny - J_full||_F^2``, so
-no particular objective is favoured. It needs a second-order backward through the student only.
+Guidance uses the decoder's gradient, not only its output. ``gradient_weight`` adds a
+gradient-matching term: for a random image-space probe ``v`` (an objective's gradient on the
+image), the student's latent gradient ``J_tiny^T v`` is pulled to the teacher's ``J_full^T v``.
+Over Gaussian probes its expectation is ``||J_tiny - J_full||_F^2``, so no particular objective is
+favoured. It needs a second-order backward through the student only. It corrects the Jacobian
+the objective's gradient travels back through, not the image the objective reads
+(``guidance.decoder_image: vae`` gives it the full VAE's; docs/methods.md has what each costs).
 
 Only the decoder is trained; ``AutoencoderTiny`` always builds an encoder, kept here at its
 smallest (one 8-channel conv per stage, untrained: do not encode with it).
