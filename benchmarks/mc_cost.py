@@ -1,11 +1,13 @@
 """Cost of last-layer MC dropout vs one deterministic forward pass of the same segmenter, same
-inputs, same run. Each variant is timed in turns with the forward and its ratio is the median
-of the pairs' ratios, so a machine that speeds up or slows down moves both sides of a ratio
-alike: with the forward timed once beforehand (best of 5), four idle runs put the Unet at
-1.47-1.86x; the median of 20 pairs gave 1.45, 1.45, 1.46 in three trials of one run: al.mc.mc_probs (the [K, N, C, H, W]
-stack), mc_moments at full resolution and at the decoder's resolution (what the AL loop runs).
-Beside them two references: the floor of any last-layer MC, the backbone alone, and K separate
-deterministic heads + softmaxes (no masks, no statistics) at full and at decoder resolution.
+inputs, same run: al.mc.mc_probs (the [K, N, C, H, W] stack), mc_moments at full resolution and
+at the decoder's resolution (what the AL loop runs). Beside them two references: the floor of
+any last-layer MC, the backbone alone, and K separate deterministic heads + softmaxes (no masks,
+no statistics) at full and at decoder resolution.
+
+Each variant is timed in turns with the forward, and its ratio is the median of the pairs'
+ratios, so a machine that speeds up or slows down moves both sides of a ratio alike. With the
+forward timed once beforehand (best of 5), four idle runs put the Unet at 1.47-1.86x; the median
+of 20 pairs gave 1.45, 1.45 and 1.46 in three trials of one run.
 
 Two settings: BalEntAcq's (DeepLabV3+ MobileNetV2, 19 classes, 2x3x512x512) and the AL
 benchmark's Unet (configs/al_digits3.yaml: EfficientNet-Lite0 encoder, depth 4, 4 classes,
